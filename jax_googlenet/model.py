@@ -1,0 +1,445 @@
+"""GoogLeNet (Inception v1, Szegedy et al. 2014, arXiv:1409.4842) in Flax linen, NHWC.
+
+One network, three variants given as data (`VARIANTS`):
+
+- ``torchvision``: exactly torchvision 0.29's ``models/googlenet.py`` (the pretrained weights' architecture).
+- ``paper``: the paper's Table 1 and Figure 3.
+- ``seed``: the MNIST model of the write-up this project started from (shared/seed), quirks included.
+
+Submodules are named after torchvision's attributes (``conv1``, ``inception3a/branch2_1/conv``, ``aux1/fc1``,
+``fc``): a torchvision key maps to a Flax path by replacing ``.N`` with ``_N`` (see ``convert/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# name, 1x1, 3x3 reduce, 3x3, "5x5" reduce, "5x5", pool proj: the paper's Table 1, shared by every variant.
+INCEPTION_TABLE: tuple[tuple[str, int, int, int, int, int, int], ...] = (
+    ("inception3a", 64, 96, 128, 16, 32, 32),
+    ("inception3b", 128, 128, 192, 32, 96, 64),
+    ("inception4a", 192, 96, 208, 16, 48, 64),
+    ("inception4b", 160, 112, 224, 24, 64, 64),
+    ("inception4c", 128, 128, 256, 24, 64, 64),
+    ("inception4d", 112, 144, 288, 32, 64, 64),
+    ("inception4e", 256, 160, 320, 32, 128, 128),
+    ("inception5a", 256, 160, 320, 32, 128, 128),
+    ("inception5b", 384, 192, 384, 48, 128, 128),
+)
+# Which stage each auxiliary head reads.
+AUX_AFTER = {"aux1": "inception4a", "aux2": "inception4d"}
+# Stage outputs that `GoogLeNet.features` returns, besides the pooled vector.
+FEATURE_STAGES = ("stem", "inception3b", "inception4e", "inception5b")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """The switches in which the three GoogLeNets differ."""
+
+    name: str
+    batch_norm: bool  # conv (no bias) -> BatchNorm(eps 1e-3) -> ReLU; else conv with bias -> ReLU
+    branch3_kernel: int  # the "5x5" branch: 3 in torchvision (pytorch/vision#906), 5 in the paper
+    pool_mode: str  # "ceil": torch ceil_mode; "floor": torch default; "same": TensorFlow SAME
+    stem_lrn: bool  # local response normalisation after maxpool1 and after conv3 (paper, Figure 3)
+    maxpool4: tuple[tuple[int, int], ...]  # (window, stride) of each pool between 4e and 5a
+    branch4_relu: bool  # a ReLU between branch 4's max pool and its 1x1 conv (the write-up's quirk)
+    aux_pool: str  # "adaptive4": adaptive average pool to 4x4; "avg5s3": 5x5 stride 3 average pool
+    aux_grid: int  # side of the aux head's pooled grid: its fc1 reads aux_grid**2 * 128 features
+    aux_dropout_before_fc1: bool  # the write-up also drops out the flattened features
+    aux_dropout: float
+    dropout: float
+    init: str  # "torchvision", "torch_default" (PyTorch's layer defaults) or "he"
+
+
+VARIANTS: dict[str, Variant] = {
+    "torchvision": Variant(
+        name="torchvision", batch_norm=True, branch3_kernel=3, pool_mode="ceil", stem_lrn=False,
+        maxpool4=((2, 2),), branch4_relu=False, aux_pool="adaptive4", aux_grid=4,
+        aux_dropout_before_fc1=False, aux_dropout=0.7, dropout=0.2, init="torchvision"),
+    # Table 1 gives no padding for the stride-2 pools but its sizes (112 -> 56 -> 28 -> 14 -> 7) need it: we
+    # take TensorFlow's SAME padding, as the authors' own TF-slim inception_v1 does. LRN's constants are not in
+    # the paper; we take the BVLC Caffe GoogLeNet's (size 5, alpha 1e-4, beta 0.75). The 7x7 average pool is a
+    # global mean, identical at 224 and defined for other sizes. Without BatchNorm, a 22-layer ReLU net needs
+    # He initialisation to train from scratch (the paper's DistBelief init is not published).
+    "paper": Variant(
+        name="paper", batch_norm=False, branch3_kernel=5, pool_mode="same", stem_lrn=True,
+        maxpool4=((3, 2),), branch4_relu=False, aux_pool="avg5s3", aux_grid=4,
+        aux_dropout_before_fc1=False, aux_dropout=0.7, dropout=0.4, init="he"),
+    # The write-up: convs with bias and ReLU, floor-mode 3x3/2 pools, two of them after 4e, a ReLU after the
+    # branch-4 pool, and an aux head of 5x5/3 average pool -> 1x1 conv -> fc 1152 (3x3x128), dropout 0.5 twice.
+    "seed": Variant(
+        name="seed", batch_norm=False, branch3_kernel=5, pool_mode="floor", stem_lrn=False,
+        maxpool4=((3, 2), (3, 2)), branch4_relu=True, aux_pool="avg5s3", aux_grid=3,
+        aux_dropout_before_fc1=True, aux_dropout=0.5, dropout=0.4, init="torch_default"),
+}
+
+
+class GoogLeNetOutputs(NamedTuple):
+    """Training-mode outputs. Note: torchvision's own tuple is ordered (logits, aux2, aux1)."""
+
+    logits: jax.Array
+    aux1: jax.Array | None
+    aux2: jax.Array | None
+
+
+# ----------------------------------------------------------------------------------------------- sizes
+
+
+def pool_output_size(n: int, window: int, stride: int, pad: int, mode: str) -> int:
+    """Output length of a pool over `n` inputs, as torch (floor/ceil mode) or TensorFlow SAME computes it."""
+    if mode == "same":
+        return -(-n // stride)
+    if mode == "floor":
+        return (n + 2 * pad - window) // stride + 1
+    out = -(-(n + 2 * pad - window) // stride) + 1
+    # torch: the last window must start inside the input or its left padding.
+    return out - 1 if (out - 1) * stride >= n + pad else out
+
+
+def _pool_padding(n: int, window: int, stride: int, pad: int, mode: str) -> tuple[int, int]:
+    """(low, high) padding that makes a VALID reduce_window give `pool_output_size` outputs."""
+    out = pool_output_size(n, window, stride, pad, mode)
+    if mode == "same":
+        total = max((out - 1) * stride + window - n, 0)
+        return total // 2, total - total // 2
+    return pad, max((out - 1) * stride + window - n - pad, 0)
+
+
+def stage_sizes(variant: str | Variant, side: int) -> dict[str, int]:
+    """Spatial side length after each stage, for an input side `side` (rows and columns are independent)."""
+    v = VARIANTS[variant] if isinstance(variant, str) else variant
+    sizes = {}
+    n = (side + 2 * 3 - 7) // 2 + 1  # conv1: 7x7 stride 2 pad 3
+    sizes["conv1"] = n
+    n = pool_output_size(n, 3, 2, 0, v.pool_mode)
+    sizes["maxpool1"] = n
+    n = pool_output_size(n, 3, 2, 0, v.pool_mode)
+    sizes["stem"] = n  # after maxpool2
+    sizes["inception3b"] = n
+    n = pool_output_size(n, 3, 2, 0, v.pool_mode)
+    sizes["inception4a"] = sizes["inception4e"] = n
+    for window, stride in v.maxpool4:
+        n = pool_output_size(n, window, stride, 0, v.pool_mode)
+    sizes["inception5b"] = n
+    a = sizes["inception4a"]
+    sizes["aux"] = 4 if v.aux_pool == "adaptive4" else (a - 5) // 3 + 1
+    return sizes
+
+
+def _side_ok(v: Variant, side: int, aux: bool) -> bool:
+    sizes = stage_sizes(v, side)
+    ok = side >= 1 and min(n for k, n in sizes.items() if k != "aux") >= 1
+    return ok and (not aux or sizes["aux"] == v.aux_grid)
+
+
+def accepted_sides(variant: str | Variant, aux: bool, up_to: int = 2048) -> tuple[int, int | None]:
+    """(smallest, largest or None) input side the variant accepts; the aux heads of the paper and the seed
+    variants have a fixed-size fc1, so with them only a band of sizes works."""
+    v = VARIANTS[variant] if isinstance(variant, str) else variant
+    ok = [s for s in range(1, up_to + 1) if _side_ok(v, s, aux)]
+    return ok[0], (None if ok[-1] == up_to else ok[-1])
+
+
+def _check_input(v: Variant, shape: tuple[int, ...], in_channels: int, aux: bool) -> None:
+    if len(shape) != 4 or shape[-1] != in_channels:
+        raise ValueError(f"GoogLeNet expects NHWC images with {in_channels} channels, got shape {tuple(shape)}")
+    for side in shape[1:3]:
+        if not _side_ok(v, side, aux):
+            lo, hi = accepted_sides(v, aux)
+            band = f"{lo} to {hi}" if hi else f"at least {lo}"
+            why = " (the aux heads' fc1 has a fixed input size; pass aux_logits=False for others)" if hi else ""
+            raise ValueError(f"the {v.name!r} variant{' with aux heads' if aux else ''} accepts image sides "
+                             f"of {band} pixels{why}; got {shape[1]}x{shape[2]}")
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+
+def _initializers(init: str) -> tuple[Any, Any]:
+    """(kernel, bias) initialisers for convs and fcs; `bias_init` gets the layer's fan-in bound as in torch."""
+    if init == "torchvision":
+        # torchvision: trunc_normal_(std=0.01, a=-2, b=2); a and b are absolute, i.e. +-200 std.
+        return nn.initializers.truncated_normal(0.01, lower=-200.0, upper=200.0), "torch_uniform"
+    if init == "torch_default":
+        # torch's kaiming_uniform_(a=sqrt(5)) is U(+-1/sqrt(fan_in)); its bias the same bound.
+        return nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"), "torch_uniform"
+    return nn.initializers.he_normal(), "zeros"
+
+
+def _torch_uniform_bias(fan_in: int):
+    bound = 1 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Conv(nn.Module):
+    """2-D convolution with an HWIO `kernel` (and optional `bias`), torch-style symmetric padding."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    use_bias: bool = False
+    init: str = "torchvision"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k, cin = self.kernel_size, x.shape[-1]
+        kernel_init, bias_init = _initializers(self.init)
+        kernel = self.param("kernel", kernel_init, (k, k, cin, self.features), self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = jax.lax.conv_general_dilated(
+            x, kernel, (self.stride, self.stride), [(self.padding, self.padding)] * 2,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.use_bias:
+            init = _torch_uniform_bias(k * k * cin) if bias_init == "torch_uniform" else nn.initializers.zeros
+            y = y + self.param("bias", init, (self.features,), self.param_dtype).astype(self.dtype)
+        return y
+
+
+class Dense(nn.Module):
+    """Fully connected layer with the variant's initialisation (flax's Dense has no torch-style bias init)."""
+
+    features: int
+    init: str = "torchvision"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel_init, bias_init = _initializers(self.init)
+        fan_in = x.shape[-1]
+        kernel = self.param("kernel", kernel_init, (fan_in, self.features), self.param_dtype)
+        binit = _torch_uniform_bias(fan_in) if bias_init == "torch_uniform" else nn.initializers.zeros
+        bias = self.param("bias", binit, (self.features,), self.param_dtype)
+        return x.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+
+
+class BasicConv(nn.Module):
+    """conv -> [BatchNorm] -> ReLU; submodules `conv` and `bn` as in torchvision's BasicConv2d."""
+
+    features: int
+    kernel_size: int
+    variant: Variant
+    stride: int = 1
+    padding: int = 0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        v = self.variant
+        x = Conv(self.features, self.kernel_size, self.stride, self.padding, use_bias=not v.batch_norm,
+                 init=v.init, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+        if v.batch_norm:
+            # torch's BatchNorm momentum 0.1 updates running = 0.9 * running + 0.1 * batch: flax momentum 0.9.
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="bn")(x)
+        return nn.relu(x)
+
+
+def max_pool(x, window: int, stride: int, mode: str, pad: int = 0):
+    """Max pool over H and W with torch's ceil/floor mode or TensorFlow's SAME, padding with -inf."""
+    pads = [_pool_padding(n, window, stride, pad, mode) for n in x.shape[1:3]]
+    return nn.max_pool(x, (window, window), (stride, stride), padding=pads)
+
+
+def adaptive_avg_pool(x, out: int):
+    """torch's adaptive_avg_pool2d to out x out: bin i spans [floor(i*n/out), ceil((i+1)*n/out)), so bins
+    overlap when out does not divide n (14 -> 4 in torchvision's aux heads)."""
+
+    def bins(n):
+        m = np.zeros((out, n), np.float32)
+        for i in range(out):
+            lo, hi = (i * n) // out, -(-((i + 1) * n) // out)
+            m[i, lo:hi] = 1.0 / (hi - lo)
+        return jnp.asarray(m, x.dtype)
+
+    return jnp.einsum("nhwc,ih,jw->nijc", x, bins(x.shape[1]), bins(x.shape[2]))
+
+
+def local_response_norm(x, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
+    """Across-channel LRN as torch.nn.LocalResponseNorm and Caffe compute it (alpha divided by size)."""
+    sq = jax.lax.reduce_window(jnp.square(x), 0.0, jax.lax.add, (1, 1, 1, size), (1, 1, 1, 1),
+                               [(0, 0), (0, 0), (0, 0), (size // 2, (size - 1) // 2)])
+    return x / (k + alpha / size * sq) ** beta
+
+
+# ----------------------------------------------------------------------------------------------- blocks
+
+
+class Inception(nn.Module):
+    """Four parallel branches concatenated on channels: 1x1 | 1x1->3x3 | 1x1->"5x5" | 3x3 max pool->1x1."""
+
+    spec: tuple[int, int, int, int, int, int]
+    variant: Variant
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        ch1, ch3r, ch3, ch5r, ch5, pool_proj = self.spec
+        v = self.variant
+        conv = lambda f, k, name: BasicConv(f, k, v, padding=k // 2, dtype=self.dtype,  # noqa: E731
+                                            param_dtype=self.param_dtype, name=name)
+        b1 = conv(ch1, 1, "branch1")(x, train=train)
+        b2 = conv(ch3, 3, "branch2_1")(conv(ch3r, 1, "branch2_0")(x, train=train), train=train)
+        # torchvision's "5x5" branch is a 3x3 conv, a known deviation from the paper (pytorch/vision#906).
+        k5 = v.branch3_kernel
+        b3 = conv(ch5, k5, "branch3_1")(conv(ch5r, 1, "branch3_0")(x, train=train), train=train)
+        # stride-1 3x3 pool with padding 1 keeps the size in every mode; torch index 0 is this pool.
+        p = max_pool(x, 3, 1, "ceil" if v.pool_mode == "same" else v.pool_mode, pad=1)
+        if v.branch4_relu:
+            p = nn.relu(p)  # the write-up's ReLU after the pool; a no-op on ReLU outputs, kept to be exact
+        b4 = conv(pool_proj, 1, "branch4_1")(p, train=train)
+        return jnp.concatenate([b1, b2, b3, b4], axis=-1)
+
+
+class InceptionAux(nn.Module):
+    """Auxiliary classifier: pool -> 1x1 conv 128 -> fc1 1024 -> ReLU -> dropout -> fc2."""
+
+    num_classes: int
+    variant: Variant
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        v = self.variant
+        if v.aux_pool == "adaptive4":
+            x = adaptive_avg_pool(x, 4)  # N x 4 x 4 x C on any input
+        else:
+            x = nn.avg_pool(x, (5, 5), (3, 3))  # N x 4 x 4 x C from 14x14 (paper), 3 x 3 from 12x12 (seed)
+        x = BasicConv(128, 1, v, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x, train=train)
+        # NHWC flatten; the converter permutes fc1's rows from torch's NCHW order.
+        x = x.reshape(x.shape[0], -1)
+        dense = lambda f, name: Dense(f, v.init, self.dtype, self.param_dtype, name=name)  # noqa: E731
+        if v.aux_dropout_before_fc1:
+            x = nn.Dropout(v.aux_dropout, deterministic=not train)(x)
+        x = nn.relu(dense(1024, "fc1")(x))
+        x = nn.Dropout(v.aux_dropout, deterministic=not train)(x)
+        return dense(self.num_classes, "fc2")(x)
+
+
+# ----------------------------------------------------------------------------------------------- network
+
+
+class GoogLeNet(nn.Module):
+    """Inception v1 on NHWC images.
+
+    `__call__(x, *, train)`: eval gives logits [N, num_classes]; train gives `GoogLeNetOutputs(logits, aux1,
+    aux2)` (aux None when `aux_logits=False`), updates `batch_stats` (apply with `mutable=["batch_stats"]`) and
+    needs a "dropout" rng. `init(rng, x)` creates every parameter, the aux heads included.
+    `features(x, *, train=False)`: a dict of the named stage outputs and the pooled 1024-d `pre_logits`.
+    """
+
+    variant: Variant = VARIANTS["torchvision"]
+    num_classes: int = 1000
+    in_channels: int = 3
+    aux_logits: bool = True
+    transform_input: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def _forward(self, x, train: bool, heads: bool):
+        v = self.variant
+        want_aux = self.aux_logits and heads and (train or self.is_initializing())
+        _check_input(v, x.shape, self.in_channels, want_aux)
+        kw = dict(variant=v, dtype=self.dtype, param_dtype=self.param_dtype)
+        feats = {}
+        if self.transform_input:
+            # torchvision: undo ImageNet normalisation, redo it as (x - 0.5) / 0.5, the weights' original input.
+            mean, std = jnp.array([0.485, 0.456, 0.406]), jnp.array([0.229, 0.224, 0.225])
+            x = x * (std / 0.5) + (mean - 0.5) / 0.5
+        # N x 224 x 224 x C
+        x = BasicConv(64, 7, stride=2, padding=3, name="conv1", **kw)(x, train=train)
+        # N x 112 x 112 x 64; ceil-mode pools (torchvision) give 56 here, floor (seed) 55
+        x = max_pool(x, 3, 2, v.pool_mode)
+        if v.stem_lrn:
+            x = local_response_norm(x)
+        x = BasicConv(64, 1, name="conv2", **kw)(x, train=train)
+        x = BasicConv(192, 3, padding=1, name="conv3", **kw)(x, train=train)
+        if v.stem_lrn:
+            x = local_response_norm(x)
+        # N x 56 x 56 x 192
+        x = max_pool(x, 3, 2, v.pool_mode)
+        feats["stem"] = x
+        # N x 28 x 28 x 192
+        aux = {}
+        for name, *spec in INCEPTION_TABLE:
+            if name == "inception4a":
+                # N x 28 x 28 x 480 -> N x 14 x 14 x 480
+                x = max_pool(x, 3, 2, v.pool_mode)
+            if name == "inception5a":
+                # N x 14 x 14 x 832 -> N x 7 x 7 x 832. torchvision: 2x2/2; paper 3x3/2; the write-up pools
+                # twice with 3x3/2 (14 -> 6 -> 2 at 224 input).
+                for window, stride in v.maxpool4:
+                    x = max_pool(x, window, stride, v.pool_mode)
+            x = Inception(tuple(spec), name=name, **kw)(x, train=train)
+            feats[name] = x
+            for head, after in AUX_AFTER.items():
+                if after == name and want_aux:
+                    # aux1 reads N x 14 x 14 x 512, aux2 N x 14 x 14 x 528
+                    aux[head] = InceptionAux(self.num_classes, name=head, **kw)(x, train=train)
+        # N x 7 x 7 x 1024
+        x = jnp.mean(x, axis=(1, 2))
+        feats["pre_logits"] = x
+        if not heads:
+            return feats, None, {}
+        x = nn.Dropout(v.dropout, deterministic=not train)(x)
+        logits = Dense(self.num_classes, v.init, self.dtype, self.param_dtype, name="fc")(x)
+        # N x num_classes
+        return feats, logits, aux
+
+    def __call__(self, x, *, train: bool | None = None):
+        if train is None:
+            if not self.is_initializing():
+                raise TypeError("GoogLeNet.__call__ needs train=True or train=False")
+            train = False
+        _, logits, aux = self._forward(x, train, heads=True)
+        f32 = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
+        if not train:
+            return f32(logits)
+        return GoogLeNetOutputs(f32(logits), f32(aux.get("aux1")), f32(aux.get("aux2")))
+
+    def features(self, x, *, train: bool = False) -> dict[str, jax.Array]:
+        """Named stage outputs (`stem`, `inception3a` ... `inception5b`) and the pooled 1024-d `pre_logits`."""
+        feats, _, _ = self._forward(x, train, heads=False)
+        return feats
+
+
+def googlenet(variant: str = "torchvision", *, num_classes: int = 1000, in_channels: int = 3,
+              aux_logits: bool = True, transform_input: bool = False, dtype: Dtype = jnp.float32,
+              param_dtype: Dtype = jnp.float32) -> GoogLeNet:
+    """Build a GoogLeNet.
+
+    Args:
+      variant: "torchvision" (torchvision 0.29, the pretrained weights' architecture), "paper" (Table 1 of
+        arXiv:1409.4842) or "seed" (the write-up's MNIST model). See `VARIANTS`.
+      num_classes: classifier outputs (main and aux heads).
+      in_channels: input channels (1 for MNIST).
+      aux_logits: build the two auxiliary heads (used in training mode only).
+      transform_input: torchvision's option for its pretrained weights: takes ImageNet-normalised RGB input.
+      dtype: computation dtype (bfloat16 for mixed precision); logits are returned in float32.
+      param_dtype: parameter dtype.
+
+    Returns:
+      A `GoogLeNet` flax.linen Module taking NHWC images.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if transform_input and in_channels != 3:
+        raise ValueError("transform_input needs in_channels=3 (it re-normalises RGB for torchvision's weights)")
+    return GoogLeNet(VARIANTS[variant], num_classes, in_channels, aux_logits, transform_input, dtype,
+                     param_dtype)
