@@ -63,8 +63,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(tree, mesh: Mesh):
-    """Place every leaf of `tree` whole on every device of the mesh."""
-    return jax.device_put(tree, replicated(mesh))
+    """Place every leaf of `tree` (the same on every process) whole on every device of the mesh."""
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):  # device_put cannot reach other processes' devices: build the global array from local copies
+        x = x if hasattr(x, "dtype") else np.asarray(x)
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree.map(put, tree)
 
 
 def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

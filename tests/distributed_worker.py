@@ -1,0 +1,63 @@
+"""Runs one train step of a small GoogLeNet on a device mesh and saves the result; started by
+test_distributed.py in subprocesses, so the simulated-device flags do not touch the rest of the suite.
+
+    python -m tests.distributed_worker OUT.npz --devices N [M ...] [--coordinator HOST:PORT --num-processes P --process-id I]
+"""
+
+import argparse
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from jax_googlenet import distributed, googlenet
+from jax_googlenet import train as T
+
+GLOBAL_BATCH, SIDE = 8, 24
+
+
+def global_batch() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"image": rng.normal(size=(GLOBAL_BATCH, SIDE, SIDE, 1)).astype(np.float32),
+            "label": rng.integers(0, 10, GLOBAL_BATCH).astype(np.int32)}
+
+
+def host_copy(state: T.TrainState) -> dict[str, np.ndarray]:
+    flat = traverse_util.flatten_dict({"params": state.params, "batch_stats": state.batch_stats}, sep="/")
+    return {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
+
+
+def one_step(num_devices: int | None) -> dict[str, np.ndarray]:
+    """Flattened params and batch_stats before ("init/...") and after one SGD step on the mesh, and the loss."""
+    mesh = distributed.make_mesh(num_devices)
+    distributed.check_batch_size(GLOBAL_BATCH, mesh)
+    model = googlenet(num_classes=10, in_channels=1)
+    state = T.create_train_state(jax.random.key(0), model, (1, SIDE, SIDE, 1), T.make_optimizer(0.1))
+    state = distributed.replicate(state, mesh)
+    before = host_copy(state)  # the step donates the state's buffers
+    rows = GLOBAL_BATCH // jax.process_count()
+    local = {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in global_batch().items()}
+    batch = distributed.shard_batch(local, mesh)
+    state, metrics = T.jit_train_step()(state, batch, distributed.replicate(jax.random.key(1), mesh))
+    out = host_copy(state)
+    out.update({"init/" + k: v for k, v in before.items()})
+    out["loss"] = np.asarray(metrics["loss"])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--devices", type=int, nargs="+", default=[None], help="one step per mesh size")
+    p.add_argument("--coordinator")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    a = p.parse_args()
+    distributed.initialize(a.coordinator, a.num_processes, a.process_id)
+    results = {f"{n}/{k}": v for n in a.devices for k, v in one_step(n).items()}
+    if jax.process_index() == 0:
+        np.savez(a.out, **results)
+
+
+if __name__ == "__main__":
+    main()
