@@ -237,13 +237,12 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise ConversionError(f"{path}: not a PyTorch file ({str(e).strip().splitlines()[0]})") from None
         # Keep the words naming the refused global, not torch's advice on how to allow it.
         found = re.search(r"GLOBAL \S+", str(e))
-        detail = found.group(0) if found else str(e).strip().splitlines()[0]
+        if not found:
+            raise ConversionError(f"{path}: not a PyTorch file (it cannot be unpickled)") from None
         raise ConversionError(f"{path}: refused to load: the file would run code or build objects other than "
-                              f"tensors ({detail})") from None
+                              f"tensors ({found.group(0)})") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
         raise ConversionError(f"{path}: not a PyTorch file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
