@@ -17,8 +17,6 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
