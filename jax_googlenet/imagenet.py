@@ -1,0 +1,45 @@
+"""ImageNet evaluation preprocessing and category names, as torchvision's GoogLeNet_Weights.IMAGENET1K_V1 has them.
+
+`preprocess` equals `GoogLeNet_Weights.IMAGENET1K_V1.transforms()` (resize the shorter side to 256, bilinear with
+antialias; center crop 224; scale to [0, 1]; normalise with the ImageNet mean and std), but returns HWC.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+RESIZE, CROP = 256, 224
+
+
+def categories() -> list[str]:
+    """The 1000 ImageNet class names in the pretrained weights' order (torchvision's weights metadata)."""
+    text = resources.files("jax_googlenet").joinpath("data/imagenet_categories.txt").read_text()
+    return text.splitlines()
+
+
+def resized_size(height: int, width: int, size: int = RESIZE) -> tuple[int, int]:
+    """torchvision's resize to an int: the shorter side becomes `size`, the longer one scales, truncated."""
+    if height <= width:
+        return size, int(size * width / height)
+    return int(size * height / width), size
+
+
+def preprocess(image: np.ndarray, resize: int = RESIZE, crop: int = CROP) -> jax.Array:
+    """A uint8 HWC RGB image -> float32 crop x crop x 3, ImageNet-normalised."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 RGB image of shape (H, W, 3), got {image.dtype} {image.shape}")
+    h, w = resized_size(*image.shape[:2], resize)
+    x = jax.image.resize(jnp.asarray(image, jnp.float32), (h, w, 3), method="linear", antialias=True)
+    # torchvision resizes a uint8 image to uint8: round as it does, before scaling to [0, 1].
+    x = jnp.clip(jnp.round(x), 0, 255)
+    # torchvision's center_crop offsets use Python's round (half to even).
+    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+    x = x[top:top + crop, left:left + crop] / 255.0
+    return (x - jnp.asarray(MEAN)) / jnp.asarray(STD)

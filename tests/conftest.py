@@ -1,0 +1,38 @@
+import jax
+import pytest
+import torch
+import torchvision
+
+# Parity is measured at full float32 precision on both sides.
+jax.config.update("jax_default_matmul_precision", "highest")
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.set_float32_matmul_precision("highest")
+
+
+def randomise_batch_norm(model: torch.nn.Module, seed: int = 1) -> None:
+    """Random BatchNorm affine parameters and running statistics, so BatchNorm is not an identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                for t, lo, hi in ((m.weight, 0.5, 1.5), (m.bias, -0.2, 0.2), (m.running_mean, -0.5, 0.5),
+                                  (m.running_var, 0.5, 2.0)):
+                    t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+
+
+@pytest.fixture(scope="session")
+def torchvision_state_dict():
+    """Stands in for googlenet-1378be20.pth: torchvision's init under a fixed seed, aux heads included (as the
+    real file has them), BatchNorm randomised."""
+    torch.manual_seed(0)
+    model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True)
+    randomise_batch_norm(model)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def pth_file(tmp_path_factory, torchvision_state_dict):
+    path = tmp_path_factory.mktemp("weights") / "googlenet-standin.pth"
+    torch.save(torchvision_state_dict, path)
+    return path
