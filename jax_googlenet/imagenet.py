@@ -19,7 +19,7 @@ RESIZE, CROP = 256, 224
 
 def categories() -> list[str]:
     """The 1000 ImageNet class names in the pretrained weights' order (torchvision's weights metadata)."""
-    text = resources.files("jax_googlenet").joinpath("data/imagenet_categories.txt").read_text()
+    text = resources.files("jax_googlenet").joinpath("assets/imagenet_categories.txt").read_text()
     return text.splitlines()
 
 
