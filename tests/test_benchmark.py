@@ -1,0 +1,110 @@
+"""`python -m experiments.benchmark`: one tiny run of both frameworks fills every reported field.
+
+No test asserts a speed: the machine running CI is shared and its timings mean nothing here.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--batch-sizes", "2", "--image-size", "32", "--repeats", "1", "--steps", "1", "--warmup", "1",
+        "--workloads", "eval,train", "--frameworks", "jax,torch", "--torch-variants", "eager,channels_last"]
+SPREAD = ("ms_per_step", "images_per_s")
+COMPILE_FIELDS = ("compile_cold_s", "compile_warm_s", "warm_cache_hit")
+
+
+def benchmark(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments.benchmark", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """One run with a fresh compilation cache, so its first JAX compile is a real cold one."""
+    out = tmp_path_factory.mktemp("bench")
+    proc = benchmark(*TINY, "--compile-cache-dir", str(out / "cache"), "--json", str(out / "r.json"),
+                     "--markdown", str(out / "r.md"), "--plot", str(out / "r.png"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "r.json").read_text()), out, proc.stdout
+
+
+def test_tiny_run_has_a_cell_per_framework_variant_and_workload(tiny):
+    result, _, _ = tiny
+    got = sorted((c["workload"], c["framework"], c["variant"]) for c in result["cells"])
+    assert got == sorted((w, f, v) for w in ("eval", "train")
+                         for f, v in (("jax", "jit"), ("torch", "eager"), ("torch", "channels_last")))
+
+
+def test_every_cell_field_is_filled_and_positive(tiny):
+    result, _, _ = tiny
+    for cell in result["cells"]:
+        eager = cell["framework"] == "torch" and cell["variant"] != "compile"
+        for key, value in cell.items():
+            if key in SPREAD:
+                assert 0 < value["min"] <= value["median"] <= value["max"], (key, cell)
+            elif key in COMPILE_FIELDS and eager:
+                assert value is None, f"eager PyTorch compiles nothing, yet {key}={value}"
+            elif key == "warm_cache_hit":
+                assert value is True, f"the warm compile of {cell['workload']} missed the persistent cache"
+            elif isinstance(value, (int, float)):
+                assert value > 0, (key, cell)
+            else:
+                assert isinstance(value, str) and value, (key, cell)
+
+
+def test_jax_cold_compile_is_slower_than_the_warm_one_from_the_persistent_cache(tiny):
+    # Not a speed assert on the machine: a cache load must beat XLA's whole pipeline on any machine.
+    for cell in tiny[0]["cells"]:
+        if cell["framework"] == "jax" and cell["workload"] == "train":
+            assert cell["compile_warm_s"] < cell["compile_cold_s"]
+
+
+def test_flops_come_from_xla_and_agree_with_pytorchs_counter_up_to_what_each_counts(tiny):
+    # XLA skips the multiply-adds that land on convolution padding (large at 32 px: a quarter of the work)
+    # and adds the elementwise ops; FlopCounterMode counts full kernels and only convolutions and matmuls.
+    result = tiny[0]
+    assert {c["flops_source"] for c in result["cells"]} == {"XLA cost_analysis of the JAX step"}
+    for check in result["flops_check"]:
+        assert 0.5 < check["xla_flops"] / check["torch_flops"] < 1.5, check
+    train, evaluation = (next(c for c in result["flops_check"] if c["workload"] == w) for w in ("train", "eval"))
+    assert train["torch_flops"] > 2.5 * evaluation["torch_flops"]  # backward ~2x forward, plus the aux heads
+
+
+def test_machine_record_states_versions_device_and_equal_thread_counts(tiny):
+    m = tiny[0]["machine"]
+    for key in ("jax", "jaxlib", "flax", "torch", "torchvision", "device_kind", "platform"):
+        assert m[key], key
+    assert "XLA_FLAGS" in m and m["cpu"]["model"]
+    assert m["torch_threads"] == m["xla_cpu_pool_threads"] == m["threads"]
+    assert all(p["tflops"] > 0 and p["how"] for p in tiny[0]["peak"].values())
+
+
+def test_markdown_and_plot_are_written(tiny):
+    _, out, stdout = tiny
+    text = (out / "r.md").read_text()
+    assert "| JAX jit |" in text and "| PyTorch eager channels_last |" in text and "XLA / PyTorch" in text
+    assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "threads: " in stdout
+
+
+def test_benchmark_imports_neither_tensorflow_datasets_nor_grain():
+    code = ("import sys, experiments.benchmark; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow_datasets', 'grain', 'tensorflow'}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == "[]", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtypes", "float16"], "--dtypes"),
+    (["--batch-sizes", "0"], "--batch-sizes"),
+    (["--image-size", "8"], "--image-size"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
+    proc = benchmark(*args, "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.iterdir())
