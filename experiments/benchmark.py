@@ -400,26 +400,31 @@ class TorchRunner:
         return time.perf_counter() - t
 
     def _compile(self, args) -> None:
-        """torch.compile is lazy: its compile time is the first call's (one step included)."""
+        """torch.compile is lazy: its compile time is the first call's (one step included). As for JAX, a first
+        try that misses Inductor's caches is the cold time, and the warm one is a try that hits them."""
         from torch._dynamo.utils import counters
-        caches = not args.no_compile_cache
         info = self.compile_info
-        if not caches or not args.skip_cold_compile:
-            torch_compile_caches(False)
+
+        def first_call() -> tuple[float, bool]:
+            hits = counters["inductor"]["fxgraph_cache_hit"]
             self.torch._dynamo.reset()
             self.net = self.torch.compile(self.model)
-            info["compile_cold_s"] = self._first_call()
-        if caches:
-            torch_compile_caches(True)
-            for _ in range(2):  # the first try may only fill the cache
-                hits = counters["inductor"]["fxgraph_cache_hit"]
-                self.torch._dynamo.reset()
-                self.net = self.torch.compile(self.model)
-                info["compile_warm_s"] = self._first_call()
-                info["warm_cache_hit"] = counters["inductor"]["fxgraph_cache_hit"] > hits
-                if info["warm_cache_hit"]:
-                    break
-        self.first_call_s = info["compile_cold_s"] or info["compile_warm_s"]
+            return self._first_call(), counters["inductor"]["fxgraph_cache_hit"] > hits
+
+        if args.no_compile_cache:
+            info["compile_cold_s"] = first_call()[0]
+        else:
+            seconds, hit = first_call()
+            if not hit:
+                info["compile_cold_s"] = seconds
+                seconds, hit = first_call()
+            info.update(compile_warm_s=seconds, warm_cache_hit=hit)
+            if info["compile_cold_s"] is None and not args.skip_cold_compile:
+                torch_compile_caches(False)
+                info["compile_cold_s"] = first_call()[0]
+                torch_compile_caches(True)
+                seconds, info["warm_cache_hit"] = first_call()  # leave the cached (warm) module for the timing
+        self.first_call_s = info["compile_warm_s"] or info["compile_cold_s"]
 
     def loss(self, out):
         ce = self.torch.nn.functional.cross_entropy
@@ -597,25 +602,28 @@ def run(args) -> dict[str, Any]:
             peaks[dtype] = gpu_peak(machine["device_kind"], dtype)
         else:
             peaks[dtype] = cpu_peak(machine["cpu"], threads, dtype)
-    cells, checks = [], []
+    result = {"command": "python -m experiments.benchmark " + " ".join(sys.argv[1:]), "machine": machine,
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} |
+                          {"dtypes": dtypes, "threads": threads},
+              "peak": {d: {"tflops": p / 1e12, "how": how} for d, (p, how) in peaks.items()},
+              "flops_check": [], "cells": [], "complete": False}
     for workload in args.workloads:
         for dtype in dtypes:
             for batch in args.batch_sizes:
                 print(f"{workload} {dtype} batch {batch} image {args.image_size}", flush=True)
-                new, check = measure_config(workload, batch, dtype, args, frameworks, torch, events, peaks)
-                for c in new:
+                cells, check = measure_config(workload, batch, dtype, args, frameworks, torch, events, peaks)
+                for c in cells:
                     print("  " + cell_line(c), flush=True)
-                cells += new
-                checks += [check] if check else []
+                result["cells"] += cells
+                result["flops_check"] += [check] if check else []
+                if not on_gpu and machine.get("xla_cpu_pool_threads") is None and "jax" in frameworks:
+                    machine["xla_cpu_pool_threads"] = xla_cpu_pool_threads()
+                write_outputs(result, args, final=False)  # a run cut short keeps the cells it finished
     if not on_gpu:
-        machine["xla_cpu_pool_threads"] = xla_cpu_pool_threads() if "jax" in frameworks else None
-        print(f"threads: {threads} each (torch.set_num_threads; XLA:CPU pool from NPROC, "
-              f"{machine['xla_cpu_pool_threads']} XLAEigen threads counted)")
-    return {"command": "python -m experiments.benchmark " + " ".join(sys.argv[1:]), "machine": machine,
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} |
-                        {"dtypes": dtypes, "threads": threads},
-            "peak": {d: {"tflops": p / 1e12, "how": how} for d, (p, how) in peaks.items()},
-            "flops_check": checks, "cells": cells}
+        print(f"threads: {threads} each (torch.set_num_threads; XLA:CPU's pool sized by NPROC, "
+              f"{machine.get('xla_cpu_pool_threads', '-')} XLAEigen threads counted)")
+    result["complete"] = True
+    return result
 
 
 # ----------------------------------------------------------------------------------------------- reports
@@ -697,18 +705,20 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def write_outputs(result: dict, args) -> None:
-    """Write each requested file whole (through a temporary name), so nothing is left half-written."""
+def write_outputs(result: dict, args, final: bool = True) -> None:
+    """Write each requested file whole (through a temporary name), so nothing is left half-written; the plot
+    only at the end."""
     outputs = [(args.json, lambda p: p.write_text(json.dumps(result, indent=1) + "\n")),
                (args.markdown, lambda p: p.write_text(markdown(result))),
-               (args.plot, lambda p: plot(result, p))]
+               (args.plot if final else None, lambda p: plot(result, p))]
     for path, write in outputs:
         if path is None:
             continue
         tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
         write(tmp)
         tmp.replace(path)
-        print(f"wrote {path}")
+        if final:
+            print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
