@@ -47,12 +47,10 @@ AUX_WEIGHT = 0.3  # jax_googlenet.train.AUX_WEIGHT; PyTorch's step uses the same
 # frameworks use them for convolutions, bfloat16). Vendor data sheets, without sparsity.
 GPU_PEAK_TFLOPS = {
     "H200": (494.7, 989.4),
-    "H100 SXM": (494.7, 989.4),  # also "H100 80GB HBM3"
     "H100 PCIe": (378.0, 756.0),
-    "H100": (494.7, 989.4),
+    "H100": (494.7, 989.4),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
     "A100": (156.0, 312.0),
     "L4": (60.0, 121.0),
-    "A10": (62.5, 125.0),
 }
 
 
@@ -188,8 +186,9 @@ def cpu_peak(info: dict[str, Any], threads: int, dtype: str) -> tuple[float, str
 
 
 def gpu_peak(device_kind: str, dtype: str) -> tuple[float, str]:
+    words = set(re.split(r"[\s_-]+", device_kind.lower()))
     for name, (f32, bf16) in GPU_PEAK_TFLOPS.items():
-        if all(word.lower() in device_kind.lower() for word in name.split()):
+        if set(name.lower().split()) <= words:
             tflops = bf16 if dtype == "bfloat16" else f32
             what = "bfloat16 dense" if dtype == "bfloat16" else "TF32 dense (float32 convolutions use TF32)"
             return tflops * 1e12, f"{name} {what}: {tflops} TFLOP/s (data sheet)"
@@ -620,7 +619,7 @@ def run(args) -> dict[str, Any]:
                     machine["xla_cpu_pool_threads"] = xla_cpu_pool_threads()
                 write_outputs(result, args, final=False)  # a run cut short keeps the cells it finished
     if not on_gpu:
-        print(f"threads: {threads} each (torch.set_num_threads; XLA:CPU's pool sized by NPROC, "
+        print(f"threads: {threads} (PyTorch: torch.set_num_threads; XLA:CPU: pool sized by NPROC, "
               f"{machine.get('xla_cpu_pool_threads', '-')} XLAEigen threads counted)")
     result["complete"] = True
     return result
@@ -643,7 +642,7 @@ def cell_line(c: dict) -> str:
     ips = c["images_per_s"]
     return (f"{cell_name(c):28s} {ips['median']:8.2f} img/s [{ips['min']:.2f}, {ips['max']:.2f}]  "
             f"{c['ms_per_step']['median']:8.1f} ms/step  MFU {100 * c['mfu']:5.1f}%  "
-            f"x{fmt(c['vs_best_torch'])} vs best PyTorch")
+            + (f"x{c['vs_best_torch']:.2f} vs best PyTorch" if c["vs_best_torch"] else "no PyTorch cell"))
 
 
 def markdown(result: dict) -> str:
@@ -672,15 +671,21 @@ def markdown(result: dict) -> str:
                          f"{c['achieved_tflops'] * 1e3:.1f} | {100 * c['mfu']:.1f}% | {fmt(c['vs_best_torch'])} |")
         lines.append("")
     lines += ["### FLOPs per step: XLA cost analysis vs PyTorch FlopCounterMode", "",
-              "| workload | dtype | batch | image | XLA GFLOP | PyTorch GFLOP | XLA / PyTorch |", "|---|---|---|---|---|---|---|"]
+              "| workload | dtype | batch | image | XLA GFLOP | PyTorch GFLOP | XLA / PyTorch |",
+              "|---|---|---|---|---|---|---|"]
     for f in result["flops_check"]:
         g = lambda x: fmt(x and x / 1e9, ".2f")  # noqa: E731
         lines.append(f"| {f['workload']} | {f['dtype']} | {f['batch_size']} | {f['image_size']} | "
                      f"{g(f['xla_flops'])} | {g(f['torch_flops'])} | {fmt(f.get('xla_over_torch'), '.3f')} |")
     cells = result["cells"]
     memory = sorted({c["memory_method"] for c in cells})
-    lines += ["", "Peak MB: " + "; ".join(memory) + ". Compile times include tracing and the first step for "
-              "torch.compile; JAX's warm compile loads the executable from the persistent cache."]
+    lines += ["", "XLA counts fewer convolution FLOPs (it skips multiply-adds on the zero padding, which PyTorch's "
+              "counter includes) and adds elementwise work (BatchNorm, ReLU, pooling, loss, update) that PyTorch's "
+              "counter ignores; both count 2 FLOPs per multiply-add.", "",
+              "Peak MB: " + "; ".join(memory) + ".", "",
+              "First call: JAX's is trace + lower + compile (cold: nothing cached; warm: the executable loaded from "
+              "the persistent cache); torch.compile's is its first call, one step included (warm: Inductor's "
+              "FX-graph cache hit); eager PyTorch's is its first step."]
     return "\n".join(lines) + "\n"
 
 

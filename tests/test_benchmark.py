@@ -35,6 +35,7 @@ def tiny(tmp_path_factory):
 
 def test_tiny_run_has_a_cell_per_framework_variant_and_workload(tiny):
     result, _, _ = tiny
+    assert result["complete"]
     got = sorted((c["workload"], c["framework"], c["variant"]) for c in result["cells"])
     assert got == sorted((w, f, v) for w in ("eval", "train")
                          for f, v in (("jax", "jit"), ("torch", "eager"), ("torch", "channels_last")))
@@ -93,6 +94,18 @@ def test_markdown_and_plot_are_written(tiny):
     assert "threads: " in stdout
 
 
+def test_peaks_are_stated_from_the_cpus_vector_units_or_the_gpu_data_sheet():
+    from experiments.benchmark import UsageError, cpu_peak, gpu_peak
+    zen4 = {"vendor": "AuthenticAMD", "avx512f": True, "avx2_fma": True, "avx512_bf16": True, "mhz": 3000.0,
+            "clock_source": "test"}
+    assert cpu_peak(zen4, 2, "float32")[0] == 2 * 32 * 3e9  # two 256-bit FMA pipes, AVX-512 double-pumped
+    assert cpu_peak(zen4, 2, "bfloat16")[0] == 2 * 64 * 3e9
+    assert gpu_peak("NVIDIA H100 80GB HBM3", "bfloat16")[0] == gpu_peak("NVIDIA H200", "bfloat16")[0] == 989.4e12
+    assert gpu_peak("NVIDIA H100 PCIe", "float32")[0] == 378e12
+    with pytest.raises(UsageError, match="--peak-tflops"):
+        gpu_peak("NVIDIA L40S", "bfloat16")
+
+
 def test_benchmark_imports_neither_tensorflow_datasets_nor_grain():
     code = ("import sys, experiments.benchmark; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow_datasets', 'grain', 'tensorflow'}))")
@@ -105,8 +118,11 @@ def test_benchmark_imports_neither_tensorflow_datasets_nor_grain():
     (["--batch-sizes", "0"], "--batch-sizes"),
     (["--image-size", "8"], "--image-size"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
-    proc = benchmark(*args, "--json", str(tmp_path / "r.json"))
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
+    from experiments.benchmark import main
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
