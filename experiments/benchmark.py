@@ -181,8 +181,8 @@ def cpu_peak(info: dict[str, Any], threads: int, dtype: str) -> tuple[float, str
     if dtype == "bfloat16" and info["avx512_bf16"]:
         per_cycle, why = 2 * per_cycle, why + ", x2 for bfloat16 dot products (avx512_bf16)"
     peak = threads * per_cycle * info["mhz"] * 1e6
-    return peak, f"{threads} cores x {per_cycle} FLOP/cycle ({why}) x {info['mhz'] / 1000:.2f} GHz " \
-                 f"({info['clock_source']})"
+    cores = f"{threads} core{'s' if threads > 1 else ''}"
+    return peak, f"{cores} x {per_cycle} FLOP/cycle ({why}) x {info['mhz'] / 1000:.2f} GHz ({info['clock_source']})"
 
 
 def gpu_peak(device_kind: str, dtype: str) -> tuple[float, str]:
@@ -647,7 +647,8 @@ def cell_line(c: dict) -> str:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    device = m.get("gpu") or f"{m['cpu']['model']} ({m['threads']} threads each)"
+    plural = "s" if m["threads"] > 1 else ""
+    device = m.get("gpu") or f"{m['cpu']['model']} ({m['threads']} thread{plural} each)"
     lines = [f"Command: `{result['command']}`", "",
              f"Device: {device}; jax {m['jax']}, torch {m.get('torch', '-')}, torchvision "
              f"{m.get('torchvision', '-')}; XLA_FLAGS={m['XLA_FLAGS'] or '(none)'}", ""]
@@ -684,8 +685,8 @@ def markdown(result: dict) -> str:
               "counter ignores; both count 2 FLOPs per multiply-add.", "",
               "Peak MB: " + "; ".join(memory) + ".", "",
               "First call: JAX's is trace + lower + compile (cold: nothing cached; warm: the executable loaded from "
-              "the persistent cache); torch.compile's is its first call, one step included (warm: Inductor's "
-              "FX-graph cache hit); eager PyTorch's is its first step."]
+              "the persistent cache; -: not measured); torch.compile's is its first call, one step included "
+              "(warm: Inductor's FX-graph cache hit); eager PyTorch's is its first step."]
     return "\n".join(lines) + "\n"
 
 
