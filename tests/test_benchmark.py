@@ -1,0 +1,128 @@
+"""`python -m experiments.benchmark`: one tiny run of both frameworks fills every reported field.
+
+No test asserts a speed: the machine running CI is shared and its timings mean nothing here.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# One thread each: CI machines are shared, and oversubscribed OpenMP threads make PyTorch crawl.
+TINY = ["--threads", "1", "--batch-sizes", "2", "--image-size", "32", "--repeats", "1", "--steps", "1", "--warmup", "1",
+        "--workloads", "eval,train", "--frameworks", "jax,torch", "--torch-variants", "eager,channels_last"]
+SPREAD = ("ms_per_step", "images_per_s")
+COMPILE_FIELDS = ("compile_cold_s", "compile_warm_s", "warm_cache_hit")
+
+
+def benchmark(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments.benchmark", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """One run with a fresh compilation cache, so its first JAX compile is a real cold one."""
+    out = tmp_path_factory.mktemp("bench")
+    proc = benchmark(*TINY, "--compile-cache-dir", str(out / "cache"), "--json", str(out / "r.json"),
+                     "--markdown", str(out / "r.md"), "--plot", str(out / "r.png"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "r.json").read_text()), out, proc.stdout
+
+
+def test_tiny_run_has_a_cell_per_framework_variant_and_workload(tiny):
+    result, _, _ = tiny
+    assert result["complete"]
+    got = sorted((c["workload"], c["framework"], c["variant"]) for c in result["cells"])
+    assert got == sorted((w, f, v) for w in ("eval", "train")
+                         for f, v in (("jax", "jit"), ("torch", "eager"), ("torch", "channels_last")))
+
+
+def test_every_cell_field_is_filled_and_positive(tiny):
+    result, _, _ = tiny
+    for cell in result["cells"]:
+        eager = cell["framework"] == "torch" and cell["variant"] != "compile"
+        for key, value in cell.items():
+            if key in SPREAD:
+                assert 0 < value["min"] <= value["median"] <= value["max"], (key, cell)
+            elif key in COMPILE_FIELDS and eager:
+                assert value is None, f"eager PyTorch compiles nothing, yet {key}={value}"
+            elif key == "warm_cache_hit":
+                assert value is True, f"the warm compile of {cell['workload']} missed the persistent cache"
+            elif isinstance(value, (int, float)):
+                assert value > 0, (key, cell)
+            else:
+                assert isinstance(value, str) and value, (key, cell)
+
+
+def test_jax_cold_compile_is_slower_than_the_warm_one_from_the_persistent_cache(tiny):
+    # Not a speed assert on the machine: a cache load must beat XLA's whole pipeline on any machine.
+    for cell in tiny[0]["cells"]:
+        if cell["framework"] == "jax" and cell["workload"] == "train":
+            assert cell["compile_warm_s"] < cell["compile_cold_s"]
+
+
+def test_flops_come_from_xla_and_agree_with_pytorchs_counter_up_to_what_each_counts(tiny):
+    # XLA skips the multiply-adds that land on convolution padding (large at 32 px: a quarter of the work)
+    # and adds the elementwise ops; FlopCounterMode counts full kernels and only convolutions and matmuls.
+    result = tiny[0]
+    assert {c["flops_source"] for c in result["cells"]} == {"XLA cost_analysis of the JAX step"}
+    for check in result["flops_check"]:
+        assert 0.5 < check["xla_flops"] / check["torch_flops"] < 1.5, check
+    train, evaluation = (next(c for c in result["flops_check"] if c["workload"] == w) for w in ("train", "eval"))
+    assert train["torch_flops"] > 2.5 * evaluation["torch_flops"]  # backward ~2x forward, plus the aux heads
+
+
+def test_threads_flag_sets_both_frameworks_and_the_record_states_versions_and_device(tiny):
+    m = tiny[0]["machine"]
+    for key in ("jax", "jaxlib", "flax", "torch", "torchvision", "device_kind", "platform"):
+        assert m[key], key
+    assert "XLA_FLAGS" in m and m["cpu"]["model"]
+    # --threads 1: torch.set_num_threads(1), and XLA:CPU's pool sized by NPROC=1 (its threads counted).
+    assert m["torch_threads"] == m["xla_cpu_pool_threads"] == m["threads"] == 1
+    assert all(p["tflops"] > 0 and p["how"] for p in tiny[0]["peak"].values())
+
+
+def test_markdown_and_plot_are_written(tiny):
+    _, out, stdout = tiny
+    text = (out / "r.md").read_text()
+    assert "| JAX jit |" in text and "| PyTorch eager channels_last |" in text and "XLA / PyTorch" in text
+    assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "threads: " in stdout
+
+
+def test_peaks_are_stated_from_the_cpus_vector_units_or_the_gpu_data_sheet():
+    from experiments.benchmark import UsageError, cpu_peak, gpu_peak
+    zen4 = {"vendor": "AuthenticAMD", "avx512f": True, "avx2_fma": True, "avx512_bf16": True, "mhz": 3000.0,
+            "clock_source": "test"}
+    assert cpu_peak(zen4, 2, "float32")[0] == 2 * 32 * 3e9  # two 256-bit FMA pipes, AVX-512 double-pumped
+    assert cpu_peak(zen4, 2, "bfloat16")[0] == 2 * 64 * 3e9
+    assert gpu_peak("NVIDIA H100 80GB HBM3", "bfloat16")[0] == gpu_peak("NVIDIA H200", "bfloat16")[0] == 989.4e12
+    assert gpu_peak("NVIDIA H100 PCIe", "float32")[0] == 378e12
+    with pytest.raises(UsageError, match="--peak-tflops"):
+        gpu_peak("NVIDIA L40S", "bfloat16")
+
+
+def test_benchmark_imports_neither_tensorflow_datasets_nor_grain():
+    code = ("import sys, experiments.benchmark; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow_datasets', 'grain', 'tensorflow'}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == "[]", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtypes", "float16"], "--dtypes"),
+    (["--batch-sizes", "0"], "--batch-sizes"),
+    (["--image-size", "8"], "--image-size"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
+    from experiments.benchmark import main
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
