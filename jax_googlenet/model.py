@@ -13,6 +13,7 @@ Submodules are named after torchvision's attributes (``conv1``, ``inception3a/br
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -180,6 +181,43 @@ def _torch_uniform_bias(fan_in: int):
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+IMPLS = ("auto", "xla", "slices")
+
+
+def resolve_impl(impl: str) -> str:
+    """"auto" is "slices" on the CPU, where it trains faster (benchmarks/NOTES.md), and "xla" elsewhere."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        return "slices" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+def _shifted_slices(x, window: int, stride: int):
+    """The window*window strided views x[:, i::stride, j::stride] of a padded NHWC x, one per window offset."""
+    n, h, w, c = x.shape
+    ho, wo = (h - window) // stride + 1, (w - window) // stride + 1
+    return [jax.lax.slice(x, (0, i, j, 0), (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                          (1, stride, stride, 1)) for i in range(window) for j in range(window)]
+
+
+def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
+    """NHWC x HWIO convolution. "xla": lax.conv_general_dilated. "slices": a 1x1 conv is one dot over
+    channels; a k x k conv concatenates the k*k shifted (strided) slices of the padded input on the channel
+    axis and multiplies by the kernel reshaped to (k*k*C, O). Both compute the same sums; the slices form's
+    backward is dots and slice-adds, which XLA:CPU runs faster than its convolution backward."""
+    if impl == "xla":
+        return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    k, _, c, o = kernel.shape
+    if k == 1 and stride == 1 and padding == 0:
+        return jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+    x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    cols = _shifted_slices(x, k, stride)
+    return jax.lax.dot_general(jnp.concatenate(cols, axis=-1), kernel.reshape(k * k * c, o),
+                               (((3,), (0,)), ((), ())))
+
+
 class Conv(nn.Module):
     """2-D convolution with an HWIO `kernel` (and optional `bias`), torch-style symmetric padding."""
 
@@ -191,6 +229,7 @@ class Conv(nn.Module):
     init: str = "torchvision"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
@@ -198,9 +237,7 @@ class Conv(nn.Module):
         kernel_init, bias_init = _initializers(self.init)
         kernel = self.param("kernel", kernel_init, (k, k, cin, self.features), self.param_dtype)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        y = jax.lax.conv_general_dilated(
-            x, kernel, (self.stride, self.stride), [(self.padding, self.padding)] * 2,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = conv2d(x, kernel, self.stride, self.padding, self.impl)
         if self.use_bias:
             init = _torch_uniform_bias(k * k * cin) if bias_init == "torch_uniform" else nn.initializers.zeros
             y = y + self.param("bias", init, (self.features,), self.param_dtype).astype(self.dtype)
@@ -268,21 +305,32 @@ class BasicConv(nn.Module):
     padding: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         v = self.variant
         x = Conv(self.features, self.kernel_size, self.stride, self.padding, use_bias=not v.batch_norm,
-                 init=v.init, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+                 init=v.init, dtype=self.dtype, param_dtype=self.param_dtype, impl=self.impl,
+                 name="conv")(x)
         if v.batch_norm:
             x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x, train=train)
         return nn.relu(x)
 
 
-def max_pool(x, window: int, stride: int, mode: str, pad: int = 0):
-    """Max pool over H and W with torch's ceil/floor mode or TensorFlow's SAME, padding with -inf."""
+def max_pool(x, window: int, stride: int, mode: str, pad: int = 0, impl: str = "xla"):
+    """Max pool over H and W with torch's ceil/floor mode or TensorFlow's SAME, padding with -inf.
+
+    "xla": reduce_window, whose backward XLA:CPU expands into iota, reduce-window and scatter (a third of the
+    train step). "slices": the elementwise maximum of the shifted slices, whose backward is selects and pads.
+    They differ only in where a tie's gradient goes (torch: the first maximum; slices: shared); every pool
+    here reads ReLU outputs, so ties are zeros whose gradient the ReLU behind them drops either way.
+    """
     pads = [_pool_padding(n, window, stride, pad, mode) for n in x.shape[1:3]]
-    return nn.max_pool(x, (window, window), (stride, stride), padding=pads)
+    if impl == "xla":
+        return nn.max_pool(x, (window, window), (stride, stride), padding=pads)
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+    return functools.reduce(jnp.maximum, _shifted_slices(x, window, stride))
 
 
 def adaptive_avg_pool(x, out: int):
@@ -316,20 +364,21 @@ class Inception(nn.Module):
     variant: Variant
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         ch1, ch3r, ch3, ch5r, ch5, pool_proj = self.spec
         v = self.variant
         conv = lambda f, k, name: BasicConv(f, k, v, padding=k // 2, dtype=self.dtype,  # noqa: E731
-                                            param_dtype=self.param_dtype, name=name)
+                                            param_dtype=self.param_dtype, impl=self.impl, name=name)
         b1 = conv(ch1, 1, "branch1")(x, train=train)
         b2 = conv(ch3, 3, "branch2_1")(conv(ch3r, 1, "branch2_0")(x, train=train), train=train)
         # torchvision's "5x5" branch is a 3x3 conv, a known deviation from the paper (pytorch/vision#906).
         k5 = v.branch3_kernel
         b3 = conv(ch5, k5, "branch3_1")(conv(ch5r, 1, "branch3_0")(x, train=train), train=train)
         # stride-1 3x3 pool with padding 1 keeps the size in every mode; torch index 0 is this pool.
-        p = max_pool(x, 3, 1, "ceil" if v.pool_mode == "same" else v.pool_mode, pad=1)
+        p = max_pool(x, 3, 1, "ceil" if v.pool_mode == "same" else v.pool_mode, pad=1, impl=self.impl)
         if v.branch4_relu:
             p = nn.relu(p)  # the write-up's ReLU after the pool; a no-op on ReLU outputs, kept to be exact
         b4 = conv(pool_proj, 1, "branch4_1")(p, train=train)
@@ -343,6 +392,7 @@ class InceptionAux(nn.Module):
     variant: Variant
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -351,7 +401,8 @@ class InceptionAux(nn.Module):
             x = adaptive_avg_pool(x, 4)  # N x 4 x 4 x C on any input
         else:
             x = nn.avg_pool(x, (5, 5), (3, 3))  # N x 4 x 4 x C from 14x14 (paper), 3 x 3 from 12x12 (seed)
-        x = BasicConv(128, 1, v, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x, train=train)
+        x = BasicConv(128, 1, v, dtype=self.dtype, param_dtype=self.param_dtype, impl=self.impl,
+                      name="conv")(x, train=train)
         # NHWC flatten; the converter permutes fc1's rows from torch's NCHW order.
         x = x.reshape(x.shape[0], -1)
         dense = lambda f, name: Dense(f, v.init, self.dtype, self.param_dtype, name=name)  # noqa: E731
@@ -381,13 +432,15 @@ class GoogLeNet(nn.Module):
     transform_input: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    impl: str = "auto"
 
     @nn.compact
     def _forward(self, x, train: bool, heads: bool):
         v = self.variant
         want_aux = self.aux_logits and heads and (train or self.is_initializing())
         _check_input(v, x.shape, self.in_channels, want_aux)
-        kw = dict(variant=v, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(variant=v, dtype=self.dtype, param_dtype=self.param_dtype,
+                  impl=resolve_impl(self.impl))
         feats = {}
         if self.transform_input:
             # torchvision: undo ImageNet normalisation, redo it as (x - 0.5) / 0.5, the weights' original input.
@@ -396,7 +449,7 @@ class GoogLeNet(nn.Module):
         # N x 224 x 224 x C
         x = BasicConv(64, 7, stride=2, padding=3, name="conv1", **kw)(x, train=train)
         # N x 112 x 112 x 64; ceil-mode pools (torchvision) give 56 here, floor (seed) 55
-        x = max_pool(x, 3, 2, v.pool_mode)
+        x = max_pool(x, 3, 2, v.pool_mode, impl=kw["impl"])
         if v.stem_lrn:
             x = local_response_norm(x)
         x = BasicConv(64, 1, name="conv2", **kw)(x, train=train)
@@ -404,19 +457,19 @@ class GoogLeNet(nn.Module):
         if v.stem_lrn:
             x = local_response_norm(x)
         # N x 56 x 56 x 192
-        x = max_pool(x, 3, 2, v.pool_mode)
+        x = max_pool(x, 3, 2, v.pool_mode, impl=kw["impl"])
         feats["stem"] = x
         # N x 28 x 28 x 192
         aux = {}
         for name, *spec in INCEPTION_TABLE:
             if name == "inception4a":
                 # N x 28 x 28 x 480 -> N x 14 x 14 x 480
-                x = max_pool(x, 3, 2, v.pool_mode)
+                x = max_pool(x, 3, 2, v.pool_mode, impl=kw["impl"])
             if name == "inception5a":
                 # N x 14 x 14 x 832 -> N x 7 x 7 x 832. torchvision: 2x2/2; paper 3x3/2; the write-up pools
                 # twice with 3x3/2 (14 -> 6 -> 2 at 224 input).
                 for window, stride in v.maxpool4:
-                    x = max_pool(x, window, stride, v.pool_mode)
+                    x = max_pool(x, window, stride, v.pool_mode, impl=kw["impl"])
             x = Inception(tuple(spec), name=name, **kw)(x, train=train)
             feats[name] = x
             for head, after in AUX_AFTER.items():
@@ -452,7 +505,7 @@ class GoogLeNet(nn.Module):
 
 def googlenet(variant: str = "torchvision", *, num_classes: int = 1000, in_channels: int = 3,
               aux_logits: bool = True, transform_input: bool = False, dtype: Dtype = jnp.float32,
-              param_dtype: Dtype = jnp.float32) -> GoogLeNet:
+              param_dtype: Dtype = jnp.float32, impl: str = "auto") -> GoogLeNet:
     """Build a GoogLeNet.
 
     Args:
@@ -464,6 +517,9 @@ def googlenet(variant: str = "torchvision", *, num_classes: int = 1000, in_chann
       transform_input: torchvision's option for its pretrained weights: takes ImageNet-normalised RGB input.
       dtype: computation dtype (bfloat16 for mixed precision); logits are returned in float32.
       param_dtype: parameter dtype.
+      impl: how convolutions and max pools are computed: "xla" (XLA's convolution and reduce_window),
+        "slices" (dots and maxima over shifted slices), or "auto" ("slices" on the CPU, where it trains
+        faster, "xla" elsewhere). The parameters and the results are the same either way.
 
     Returns:
       A `GoogLeNet` flax.linen Module taking NHWC images.
@@ -472,5 +528,6 @@ def googlenet(variant: str = "torchvision", *, num_classes: int = 1000, in_chann
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if transform_input and in_channels != 3:
         raise ValueError("transform_input needs in_channels=3 (it re-normalises RGB for torchvision's weights)")
+    resolve_impl(impl)  # fail early on a typo
     return GoogLeNet(VARIANTS[variant], num_classes, in_channels, aux_logits, transform_input, dtype,
-                     param_dtype)
+                     param_dtype, impl)
