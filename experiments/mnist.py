@@ -168,7 +168,9 @@ def plot(history: list[dict], path: Path) -> None:
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM: the loop finishes its step, saves and exits."""
+    """Set by SIGINT/SIGTERM while active: the loop finishes its step, saves and exits."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.signum = None
@@ -176,9 +178,13 @@ class StopFlag:
     def __call__(self, signum, frame):
         self.signum = signum
 
-    def install(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self)
+    def __enter__(self):
+        self.previous = [signal.signal(s, self) for s in self.SIGNALS]
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in zip(self.SIGNALS, self.previous):
+            signal.signal(s, handler)
 
 
 def run(args) -> float:
@@ -280,60 +286,59 @@ def run(args) -> float:
         return {"test_loss": sums["loss"] / sums["count"], "test_accuracy": sums["correct"] / sums["count"],
                 "test_count": int(sums["count"])}
 
-    stop = StopFlag()
-    stop.install()
-    step = int(state.step)
-    for epoch in range(step // steps_per_epoch, cfg["epochs"]):
-        skip = step - epoch * steps_per_epoch
-        batches = data.train_batches(dataset.train, global_batch=cfg["batch_size"], seed=cfg["seed"],
-                                     epoch=epoch, start_step=skip)
-        bar = tqdm(total=steps_per_epoch * cfg["batch_size"], initial=skip * cfg["batch_size"], unit="img",
-                   desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not lead, dynamic_ncols=True)
-        losses, accuracies, pending, t0 = [], [], None, time.time()
+    with StopFlag() as stop:
+        step = int(state.step)
+        for epoch in range(step // steps_per_epoch, cfg["epochs"]):
+            skip = step - epoch * steps_per_epoch
+            batches = data.train_batches(dataset.train, global_batch=cfg["batch_size"], seed=cfg["seed"],
+                                         epoch=epoch, start_step=skip)
+            bar = tqdm(total=steps_per_epoch * cfg["batch_size"], initial=skip * cfg["batch_size"], unit="img",
+                       desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not lead, dynamic_ncols=True)
+            losses, accuracies, pending, t0 = [], [], None, time.time()
 
-        def collect(at_step, metrics):  # reading the last step's metrics lets the device run one step ahead
-            loss, accuracy = (float(v) for v in jax.device_get((metrics["loss"], metrics["accuracy"])))
-            if not math.isfinite(loss):
-                good = checkpoints.latest_step()
-                raise TrainingError(f"the loss became {loss} at step {at_step}; stopped without saving. Last "
-                                    f"good checkpoint: {good if good is not None else 'none'} in {workdir}")
-            losses.append(loss)
-            accuracies.append(accuracy)
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            bar.update(cfg["batch_size"])
+            def collect(at_step, metrics):  # reading the last step's metrics lets the device run one step ahead
+                loss, accuracy = (float(v) for v in jax.device_get((metrics["loss"], metrics["accuracy"])))
+                if not math.isfinite(loss):
+                    good = checkpoints.latest_step()
+                    raise TrainingError(f"the loss became {loss} at step {at_step}; stopped without saving. Last "
+                                        f"good checkpoint: {good if good is not None else 'none'} in {workdir}")
+                losses.append(loss)
+                accuracies.append(accuracy)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                bar.update(cfg["batch_size"])
 
-        for batch in batches:
-            state, metrics = train_step(state, distributed.shard_batch(batch, mesh))
-            step += 1
+            for batch in batches:
+                state, metrics = train_step(state, distributed.shard_batch(batch, mesh))
+                step += 1
+                if pending is not None:
+                    collect(*pending)
+                pending = (step, metrics)
+                if stop.signum is not None:
+                    break
             if pending is not None:
                 collect(*pending)
-            pending = (step, metrics)
+            bar.close()
             if stop.signum is not None:
-                break
-        if pending is not None:
-            collect(*pending)
-        bar.close()
-        if stop.signum is not None:
+                save(step)
+                print(f"stopped by signal {stop.signum} at step {step}: saved checkpoint {step} in {workdir}; "
+                      f"continue with --resume --workdir {workdir}", file=sys.stderr, flush=True)
+                sys.exit(128 + stop.signum)
+            seconds = time.time() - t0
+            history.append({"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
+                            "train_accuracy": float(np.mean(accuracies)), **evaluate(),
+                            "epoch_seconds": round(seconds, 2),
+                            "images_per_second": round(len(losses) * cfg["batch_size"] / seconds, 1)})
             save(step)
-            print(f"stopped by signal {stop.signum} at step {step}: saved checkpoint {step} in {workdir}; "
-                  f"continue with --resume --workdir {workdir}", file=sys.stderr, flush=True)
-            sys.exit(128 + stop.signum)
-        seconds = time.time() - t0
-        history.append({"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
-                        "train_accuracy": float(np.mean(accuracies)), **evaluate(),
-                        "epoch_seconds": round(seconds, 2),
-                        "images_per_second": round(len(losses) * cfg["batch_size"] / seconds, 1)})
-        save(step)
-        if lead:
-            write_atomic(workdir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
-            plot(history, workdir / "curves.png")
-            h = history[-1]
-            print(f"epoch {h['epoch']}: train_loss={h['train_loss']:.4f} test_loss={h['test_loss']:.4f} "
-                  f"test_accuracy={h['test_accuracy']:.4f} ({h['test_count']} images, {seconds:.1f} s)",
-                  flush=True)
-    checkpoints.close()
-    print(f"wrote {workdir}: config.json, metrics.jsonl, curves.png, checkpoints/{step}", flush=True)
-    return history[-1]["test_accuracy"]
+            if lead:
+                write_atomic(workdir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
+                plot(history, workdir / "curves.png")
+                h = history[-1]
+                print(f"epoch {h['epoch']}: train_loss={h['train_loss']:.4f} test_loss={h['test_loss']:.4f} "
+                      f"test_accuracy={h['test_accuracy']:.4f} ({h['test_count']} images, {seconds:.1f} s)",
+                      flush=True)
+        checkpoints.close()
+        print(f"wrote {workdir}: config.json, metrics.jsonl, curves.png, checkpoints/{step}", flush=True)
+        return history[-1]["test_accuracy"]
 
 
 def warm_start(path: str, model, state):

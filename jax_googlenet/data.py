@@ -85,7 +85,7 @@ def load(spec: str, data_dir: str | None = None) -> Dataset:
 def choose_auto(data_dir: str | None) -> tuple[str, str]:
     """("tfds" or "sample", why): never waits on TFDS's minutes of download retries."""
     where = _tfds_dir(data_dir)
-    if tfds_prepared(data_dir):
+    if open_tfds(data_dir) is not None:
         return "tfds", f"MNIST is prepared in {where}"
     if network_answers():
         return "tfds", f"MNIST is not prepared in {where} but {PROBE_HOST[0]} answers: downloading it"
@@ -107,29 +107,35 @@ def _tfds_dir(data_dir: str | None) -> str:
     return str(data_dir or tfds.core.constants.DATA_DIR)
 
 
-def tfds_prepared(data_dir: str | None) -> bool:
+def open_tfds(data_dir: str | None, download: bool = False):
+    """[train, test] random-access sources of a prepared MNIST (array_record), or None when there is none."""
     import tensorflow_datasets as tfds
 
-    return tfds.builder("mnist", data_dir=data_dir).is_prepared()
+    try:
+        return tfds.data_source("mnist", split=["train", "test"], data_dir=data_dir, download=download)
+    except (NotImplementedError, FileNotFoundError, AssertionError):  # not prepared, or only as tfrecord
+        if download:
+            raise
+        return None
 
 
 def load_tfds(data_dir: str | None) -> Dataset:
-    """Full MNIST from `tfds.data_source` (60,000 train, 10,000 test); prepares it first if needed."""
-    import tensorflow_datasets as tfds
-
+    """Full MNIST from `tfds.data_source` (60,000 train, 10,000 test); downloads and prepares it if needed."""
     if data_dir is not None and not Path(data_dir).is_dir():
         raise DataError(f"--data-dir {data_dir}: no such directory")
-    download = not tfds_prepared(data_dir)
-    if download:
+    splits = open_tfds(data_dir)
+    if splits is None:
+        where = _tfds_dir(data_dir)
         if not network_answers():
-            raise DataError(f"MNIST is not prepared in {_tfds_dir(data_dir)} and {PROBE_HOST[0]} does not "
+            raise DataError(f"MNIST is not prepared (as array_record) in {where} and {PROBE_HOST[0]} does not "
                             f"answer; use --data sample or --data idx:DIR offline")
         try:
             import tensorflow  # noqa: F401  # TFDS needs it to prepare (not to read) a dataset
         except ImportError:
             raise DataError("preparing MNIST with TFDS the first time needs TensorFlow: "
                             "pip install tensorflow-cpu (reading it afterwards does not)") from None
-    splits = tfds.data_source("mnist", split=["train", "test"], data_dir=data_dir, download=download)
+        print(f"data: downloading and preparing MNIST in {where}", flush=True)
+        splits = open_tfds(data_dir, download=True)
     train, test = splits
     return Dataset(f"tfds mnist ({len(train):,} train / {len(test):,} test)", train, test)
 
