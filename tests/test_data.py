@@ -151,18 +151,25 @@ def test_auto_takes_tfds_when_prepared(tmp_path, capsys):
 
 
 def test_auto_falls_back_to_the_sample_offline_at_once(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(data, "PROBE_HOST", ("127.0.0.1", 9))  # nothing listens: refused at once
+    monkeypatch.setattr(data, "tensorflow_installed", lambda: True)
+    monkeypatch.setattr(data, "PROBE_URL", "http://127.0.0.1:9/")  # nothing listens: refused at once
     ds = data.load("auto", str(tmp_path))
     out = capsys.readouterr().out
-    assert ds.name.startswith("sample") and "data: sample (MNIST is not prepared" in out
+    assert ds.name.startswith("sample") and "does not answer within 2 s" in out
+
+
+def test_auto_takes_the_sample_when_tensorflow_could_not_prepare_mnist(tmp_path, capsys):
+    ds = data.load("auto", str(tmp_path))  # TensorFlow is not installed here, network or not
+    assert ds.name.startswith("sample") and "needs TensorFlow, which is not installed" in capsys.readouterr().out
 
 
 def test_tfds_offline_and_unprepared_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "PROBE_HOST", ("127.0.0.1", 9))
+    monkeypatch.setattr(data, "PROBE_URL", "http://127.0.0.1:9/")
     with pytest.raises(data.DataError, match="not prepared .* does not answer; use --data sample"):
         data.load("tfds", str(tmp_path))
-    with pytest.raises(data.DataError, match="no such directory"):
-        data.load("tfds", str(tmp_path / "nope"))
+    for spec in ("tfds", "auto"):
+        with pytest.raises(data.DataError, match="--data-dir .*nope: no such directory"):
+            data.load(spec, str(tmp_path / "nope"))
 
 
 def test_unknown_source_names_the_choices():
@@ -223,3 +230,9 @@ def test_random_shift_moves_each_image_by_at_most_max_shift():
     rows, cols = np.nonzero(np.asarray(shifted)[..., 0].reshape(64, -1) == 255)
     ys, xs = np.divmod(cols, 28)
     assert len(rows) == 64 and np.abs(ys - 10).max() == 2 and np.abs(xs - 12).max() == 2
+
+
+def test_tfds_online_without_tensorflow_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "network_answers", lambda: True)
+    with pytest.raises(data.DataError, match="needs TensorFlow: pip install tensorflow-cpu"):
+        data.load("tfds", str(tmp_path))
