@@ -143,7 +143,7 @@ def open_tfds(data_dir: str | None, download: bool = False):
 
     try:
         return tfds.data_source("mnist", split=["train", "test"], data_dir=data_dir, download=download)
-    except (NotImplementedError, FileNotFoundError, AssertionError):  # not prepared, or only as tfrecord
+    except (NotImplementedError, FileNotFoundError, AssertionError, KeyError):  # not (fully) prepared, or tfrecord
         if download:
             raise
         return None

@@ -2,6 +2,8 @@
 after a real SIGTERM, and one clear line for each bad input. Runs call `main(argv)` in-process where they can;
 all share one persistent compilation cache so the train step compiles once for the module."""
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -16,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments import mnist
-from jax_googlenet import data
+from jax_googlenet import compilation_cache, data
 
 ROOT = Path(__file__).resolve().parents[1]
 # torchvision variant at 16 px, batch 8, 48 real digits: 6 steps an epoch.
@@ -40,6 +42,7 @@ def env(tmp_path_factory):
     old = os.environ.get("JAX_GOOGLENET_CACHE_DIR")
     os.environ["JAX_GOOGLENET_CACHE_DIR"] = str(cache)
     yield {"root": root, "data": f"idx:{root / 'idx'}", "cache": cache}
+    compilation_cache.disable()  # main() turned it on for this process
     if old is None:
         del os.environ["JAX_GOOGLENET_CACHE_DIR"]
     else:
@@ -62,30 +65,30 @@ def final_params(workdir):
 
 @pytest.fixture(scope="module")
 def uninterrupted(env):
+    """A whole tiny run, in-process: its workdir and what it printed."""
     workdir = env["root"] / "uninterrupted"
-    assert mnist.main(["--data", env["data"], "--workdir", str(workdir), *TINY]) == 0
-    return workdir
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert mnist.main(["--data", env["data"], "--workdir", str(workdir), *TINY]) == 0
+    return workdir, out.getvalue()
 
 
-def test_cli_writes_metrics_plot_checkpoints_and_reports_accuracy_last(env, uninterrupted, capsys):
-    workdir = env["root"] / "e2e"
-    rc, out, _ = run_main(["--data", env["data"], "--workdir", str(workdir), *TINY[:-4], "--epochs", "1"], capsys)
-    assert rc == 0
-    assert "preset: quick" in out and "mesh data=1" in out and "data: idx" in out
+def test_cli_writes_metrics_plot_checkpoints_and_reports_accuracy_last(uninterrupted):
+    workdir, out = uninterrupted
+    assert "preset: quick" in out and "mesh data=1" in out and "dataset: idx" in out
     last = out.strip().splitlines()[-1]
-    assert last.startswith("test_accuracy=0.") and len(last) == len("test_accuracy=0.xxxx")
+    assert last.startswith("test_accuracy=") and len(last) == len("test_accuracy=0.xxxx")
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1] and records[0]["test_count"] == 20  # 20 = 2 full batches + 4
-    assert float(last.split("=")[1]) == pytest.approx(records[0]["test_accuracy"], abs=5e-5)
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["test_count"] == 20  # 8 + 8 + 4 padded
+    assert float(last.split("=")[1]) == pytest.approx(records[-1]["test_accuracy"], abs=5e-5)
     assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((workdir / "config.json").read_text())["variant"] == "torchvision"
-    # the uninterrupted 3-epoch run: a checkpoint per epoch, the last MAX_TO_KEEP kept
-    steps = sorted(int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [6, 12, 18]
-    assert len((uninterrupted / "metrics.jsonl").read_text().splitlines()) == 3
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [6, 12, 18]  # one per epoch (the last MAX_TO_KEEP = 3 kept)
 
 
 def test_sigterm_then_resume_gives_the_uninterrupted_parameters_bit_for_bit(env, uninterrupted, capsys):
+    reference_dir, _ = uninterrupted
     workdir = env["root"] / "killed"
     cmd = [sys.executable, "-m", "experiments.mnist", "--data", env["data"], "--workdir", str(workdir), *TINY]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -102,7 +105,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_parameters_bit_for_bit(env,
     rc, out, _ = run_main(["--resume", "--workdir", str(workdir)], capsys)
     assert rc == 0 and f"resumed from step {killed_at}" in out
     step, resumed = final_params(workdir)
-    ref_step, reference = final_params(uninterrupted)
+    ref_step, reference = final_params(reference_dir)
     assert step == ref_step == 18
     flat_resumed, flat_reference = jax.tree.leaves(resumed), jax.tree.leaves(reference)
     assert len(flat_resumed) == len(flat_reference)
@@ -117,7 +120,8 @@ def test_sigterm_then_resume_gives_the_uninterrupted_parameters_bit_for_bit(env,
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--image-size", "8"], "--image-size 8: the torchvision variant with aux heads accepts"),
     (["--devices", "2"], "--devices 2: this run has 1 device(s)"),
-    (["--resume"], "--resume needs the --workdir"),
+    (["--resume"], "holds no run (no config.json)"),
+    (["--init", "/nonexistent/googlenet.pth"], "--init /nonexistent/googlenet.pth: no such file"),
     (["--data", "idx:/nonexistent/mnist"], "--data idx:/nonexistent/mnist: no such directory"),
     (["--data", "mnist.npz"], "choose one of auto, tfds, sample, idx:DIR"),
 ])
@@ -144,21 +148,23 @@ def test_corrupted_idx_through_the_cli(env, capsys, tmp_path):
     (["--variant", "seed"], "was trained with --variant torchvision, not seed"),
     (["--image-size", "24"], "was trained with --image-size 16, not 24"),
 ])
-def test_resume_with_another_variant_or_shape_is_refused(env, uninterrupted, capsys, argv, message):
-    before = sorted(p.name for p in (uninterrupted / "checkpoints").iterdir())
-    rc, _, err = run_main(["--resume", "--workdir", str(uninterrupted), *argv], capsys)
+def test_resume_with_another_variant_or_shape_is_refused(uninterrupted, capsys, argv, message):
+    workdir, _ = uninterrupted
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    rc, _, err = run_main(["--resume", "--workdir", str(workdir), *argv], capsys)
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
-    assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == before
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
 
 
 def test_a_used_workdir_needs_resume(env, uninterrupted, capsys):
-    rc, _, err = run_main(["--data", env["data"], "--workdir", str(uninterrupted), *TINY], capsys)
+    workdir, _ = uninterrupted
+    rc, _, err = run_main(["--data", env["data"], "--workdir", str(workdir), *TINY], capsys)
     assert rc == 2 and "already holds a run; add --resume" in err
 
 
 def test_nan_loss_stops_with_one_line_and_saves_nothing_bad(env, capsys):
     workdir = env["root"] / "nan"
-    argv = ["--data", env["data"], "--workdir", str(workdir), *TINY[:-2], "--lr", "1e30"]
+    argv = ["--data", env["data"], "--workdir", str(workdir), *TINY[:-4], "--epochs", "1", "--lr", "1e30"]
     rc, _, err = run_main(argv, capsys)
     assert rc == 1 and "the loss became" in err and "Last good checkpoint: none" in err
     assert len(err.strip().splitlines()) == 1
