@@ -85,6 +85,11 @@ def parse_args(argv):
                    "augmentation (default 0)")
     p.add_argument("--devices", type=int, default=None,
                    help="data-parallel over the first N devices (default: all); the mesh is printed at start")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-host run without SLURM/Open MPI: process 0's address, with --num-processes and "
+                   "--process-id (under srun or mpirun the processes find each other)")
+    p.add_argument("--num-processes", type=int, default=None, help="processes in a multi-host run")
+    p.add_argument("--process-id", type=int, default=None, help="this process's index in a multi-host run")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="computation dtype; parameters and optimizer state stay float32")
     p.add_argument("--no-compile-cache", action="store_true",
@@ -201,7 +206,7 @@ def run(args) -> float:
     from jax_googlenet import compilation_cache, data, distributed, train
     from jax_googlenet.model import accepted_sides, googlenet
 
-    distributed.initialize()
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     if not args.no_compile_cache:
         compilation_cache.enable()
     workdir = Path(args.workdir) if args.workdir else None
