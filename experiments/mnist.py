@@ -31,7 +31,7 @@ PRESETS = {
     # Sized for 2 CPU cores: the 28x28 digits upsampled to 32x32 give the inception stages 4x4, 2x2, 1x1 grids.
     "quick": dict(
         variant="torchvision", loss_mode="paper", in_channels=1, aux_logits=True, image_size=32,
-        batch_size=64, epochs=6, lr=0.05, momentum=0.9, nesterov=True, schedule="cosine", warmup_epochs=0.5,
+        batch_size=64, epochs=6, lr=0.02, momentum=0.9, nesterov=True, schedule="cosine", warmup_epochs=0.5,
         weight_decay=5e-5, max_shift=1),
     # The write-up, exactly.
     "seed": dict(
@@ -315,6 +315,7 @@ def run(args) -> float:
             def collect(at_step, metrics):  # reading the last step's metrics lets the device run one step ahead
                 loss, accuracy = (float(v) for v in jax.device_get((metrics["loss"], metrics["accuracy"])))
                 if not math.isfinite(loss):
+                    bar.close()
                     good = checkpoints.latest_step()
                     raise TrainingError(f"the loss became {loss} at step {at_step}; stopped without saving. Last "
                                         f"good checkpoint: {good if good is not None else 'none'} in {workdir}")
