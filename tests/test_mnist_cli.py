@@ -1,0 +1,192 @@
+"""`python -m experiments.mnist` end to end with tiny settings: what it writes, checkpoint/resume equivalence
+after a real SIGTERM, and one clear line for each bad input. Runs call `main(argv)` in-process where they can;
+all share one persistent compilation cache so the train step compiles once for the module."""
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments import mnist
+from jax_googlenet import compilation_cache, data
+
+ROOT = Path(__file__).resolve().parents[1]
+# torchvision variant at 16 px, batch 8, 48 real digits: 6 steps an epoch.
+TINY = ["--variant", "torchvision", "--image-size", "16", "--batch-size", "8", "--epochs", "3", "--lr", "0.02"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Real digits from the shipped sample as IDX files, and a compilation cache shared by every run here."""
+    root = tmp_path_factory.mktemp("mnist_cli")
+    (root / "idx").mkdir()
+    sample = data.load_sample()
+    for split, n in (("train", 48), ("test", 20)):
+        source = getattr(sample, split)
+        picks = np.linspace(0, len(source) - 1, n).astype(int)  # every class
+        images, labels = source.images[picks, ..., 0], source.labels[picks].astype(np.uint8)
+        image_name, label_name = data.IDX_FILES[split]
+        data.write_idx(root / "idx" / f"{image_name}.gz", images)
+        data.write_idx(root / "idx" / f"{label_name}.gz", labels)
+    cache = root / "xla"
+    old = os.environ.get("JAX_GOOGLENET_CACHE_DIR")
+    os.environ["JAX_GOOGLENET_CACHE_DIR"] = str(cache)
+    yield {"root": root, "data": f"idx:{root / 'idx'}", "cache": cache}
+    compilation_cache.disable()  # main() turned it on for this process
+    if old is None:
+        del os.environ["JAX_GOOGLENET_CACHE_DIR"]
+    else:
+        os.environ["JAX_GOOGLENET_CACHE_DIR"] = old
+
+
+def run_main(argv, capsys):
+    rc = mnist.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def final_params(workdir):
+    manager = ocp.CheckpointManager(Path(workdir, "checkpoints").absolute())
+    step = manager.latest_step()
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    return step, restored.state
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(env):
+    """A whole tiny run, in-process: its workdir and what it printed."""
+    workdir = env["root"] / "uninterrupted"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert mnist.main(["--data", env["data"], "--workdir", str(workdir), *TINY]) == 0
+    return workdir, out.getvalue()
+
+
+def test_cli_writes_metrics_plot_checkpoints_and_reports_accuracy_last(uninterrupted):
+    workdir, out = uninterrupted
+    assert "preset: quick" in out and "mesh data=1" in out and "dataset: idx" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("test_accuracy=") and len(last) == len("test_accuracy=0.xxxx")
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["test_count"] == 20  # 8 + 8 + 4 padded
+    assert float(last.split("=")[1]) == pytest.approx(records[-1]["test_accuracy"], abs=5e-5)
+    assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((workdir / "config.json").read_text())["variant"] == "torchvision"
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [6, 12, 18]  # one per epoch (the last MAX_TO_KEEP = 3 kept)
+
+
+def test_sigterm_then_resume_gives_the_uninterrupted_parameters_bit_for_bit(env, uninterrupted, capsys):
+    reference_dir, _ = uninterrupted
+    workdir = env["root"] / "killed"
+    cmd = [sys.executable, "-m", "experiments.mnist", "--data", env["data"], "--workdir", str(workdir), *TINY]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = workdir / "checkpoints" / "6"
+    while not first.exists() and proc.poll() is None:  # the first epoch's checkpoint: now kill it in epoch 2
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by signal 15" in err and "Traceback" not in err
+    killed_at, _ = final_params(workdir)
+    assert 6 <= killed_at < 18
+
+    rc, out, _ = run_main(["--resume", "--workdir", str(workdir)], capsys)
+    assert rc == 0 and f"resumed from step {killed_at}" in out
+    step, resumed = final_params(workdir)
+    ref_step, reference = final_params(reference_dir)
+    assert step == ref_step == 18
+    flat_resumed, flat_reference = jax.tree.leaves(resumed), jax.tree.leaves(reference)
+    assert len(flat_resumed) == len(flat_reference)
+    for a, b in zip(flat_resumed, flat_reference):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit for bit, not approximately
+    assert (workdir / "metrics.jsonl").read_text().splitlines() != []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variant", "inception"], "argument --variant: invalid choice: 'inception'"),
+    (["--dtype", "float16"], "argument --dtype: invalid choice"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--image-size", "8"], "--image-size 8: the torchvision variant with aux heads accepts"),
+    (["--devices", "2"], "--devices 2: this run has 1 device(s)"),
+    (["--resume"], "holds no run (no config.json)"),
+    (["--init", "/nonexistent/googlenet.pth"], "--init /nonexistent/googlenet.pth: no such file"),
+    (["--data", "idx:/nonexistent/mnist"], "--data idx:/nonexistent/mnist: no such directory"),
+    (["--data", "mnist.npz"], "choose one of auto, tfds, sample, idx:DIR"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(env, capsys, argv, message):
+    workdir = env["root"] / "never"
+    base = ["--data", env["data"], "--workdir", str(workdir), *TINY]
+    rc, _, err = run_main(base + argv, capsys)
+    assert rc == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and not workdir.exists()
+
+
+def test_corrupted_idx_through_the_cli(env, capsys, tmp_path):
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (tmp_path / name).write_bytes((env["root"] / "idx" / f"{name}.gz").read_bytes())
+        (tmp_path / name).rename(tmp_path / f"{name}.gz")
+    raw = (tmp_path / "train-images-idx3-ubyte.gz").read_bytes()
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(raw[: len(raw) // 2])
+    rc, _, err = run_main(["--data", f"idx:{tmp_path}", "--workdir", str(tmp_path / "w"), *TINY], capsys)
+    assert rc == 2 and "train-images-idx3-ubyte.gz: cannot read" in err and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variant", "seed"], "was trained with --variant torchvision, not seed"),
+    (["--image-size", "24"], "was trained with --image-size 16, not 24"),
+])
+def test_resume_with_another_variant_or_shape_is_refused(uninterrupted, capsys, argv, message):
+    workdir, _ = uninterrupted
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    rc, _, err = run_main(["--resume", "--workdir", str(workdir), *argv], capsys)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
+def test_a_used_workdir_needs_resume(env, uninterrupted, capsys):
+    workdir, _ = uninterrupted
+    rc, _, err = run_main(["--data", env["data"], "--workdir", str(workdir), *TINY], capsys)
+    assert rc == 2 and "already holds a run; add --resume" in err
+
+
+def test_nan_loss_stops_with_one_line_and_saves_nothing_bad(env, capsys):
+    workdir = env["root"] / "nan"
+    argv = ["--data", env["data"], "--workdir", str(workdir), *TINY[:-4], "--epochs", "1", "--lr", "1e30"]
+    rc, _, err = run_main(argv, capsys)
+    assert rc == 1 and "the loss became" in err and "Last good checkpoint: none" in err
+    # stderr also carries the progress bar (carriage-return updates); the error is one line after it
+    assert err.rstrip().splitlines()[-1].startswith("error: the loss became") and "Traceback" not in err
+    assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
+
+
+def test_batch_size_must_divide_over_the_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "experiments.mnist", "--data", "sample", "--batch-size", "7", "--devices", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: batch size 7 does not divide over 2 devices; use a multiple of 2 "
+                                   "(for example 6 or 8)")
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        mnist.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for flag in ("--data", "--data-dir", "--variant", "--preset", "--epochs", "--batch-size", "--lr",
+                 "--momentum", "--image-size", "--workdir", "--resume", "--init", "--seed", "--devices", "--dtype",
+                 "--no-compile-cache"):
+        assert flag in out

@@ -1,0 +1,65 @@
+"""The training library as the MNIST job uses it: the step learns, the two loss modes are what their docstring
+says, and evaluation over a padded last batch counts every test image once. One tiny model (torchvision
+variant, 1 channel, 16 px, no aux heads) is built once for the module."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jax_googlenet import data, train
+from jax_googlenet.model import GoogLeNetOutputs, googlenet
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = googlenet("torchvision", num_classes=10, in_channels=1, aux_logits=False)
+    state = train.create_train_state(jax.random.key(0), model, (1, SIZE, SIZE, 1), train.make_optimizer(0.05))
+    sample = data.load_sample()
+    picks = np.arange(0, 4000, 500)  # 8 real digits, classes 0-7 (the sample's train part is sorted by class)
+    batch = {"image": sample.train.images[picks], "label": sample.train.labels[picks]}
+    return state, batch, data.make_preprocess(SIZE)
+
+
+def test_train_steps_lower_the_loss_on_a_fixed_batch(tiny):
+    state, batch, preprocess = tiny
+    step = train.jit_train_step(preprocess=preprocess)
+    state = jax.tree.map(jnp.copy, state)  # the step donates its input; keep the fixture's
+    losses = []
+    for _ in range(8):
+        state, metrics = step(state, batch, jax.random.key(1))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_seed_loss_is_ce_of_summed_logits_and_paper_loss_sums_ces():
+    labels = jnp.array([0, 1, 2])
+    rng = np.random.default_rng(0)
+    main, aux1, aux2 = (jnp.asarray(rng.normal(size=(3, 10)), jnp.float32) for _ in range(3))
+    ce = lambda z: float(optax.softmax_cross_entropy_with_integer_labels(z, labels).mean())  # noqa: E731
+    outputs = GoogLeNetOutputs(main, aux1, aux2)
+    paper = float(train.classification_loss(outputs, labels, "paper"))
+    seed = float(train.classification_loss(outputs, labels, "seed"))
+    assert paper == pytest.approx(ce(main) + 0.3 * (ce(aux1) + ce(aux2)), rel=1e-6)
+    assert seed == pytest.approx(ce(main + 0.3 * aux1 + 0.3 * aux2), rel=1e-6)
+    assert abs(paper - seed) > 0.1  # not two spellings of one loss
+    no_aux = GoogLeNetOutputs(main, None, None)  # without aux heads both are the plain CE
+    assert float(train.classification_loss(no_aux, labels, "seed")) == pytest.approx(ce(main), rel=1e-6)
+
+
+def test_eval_with_a_partial_last_batch_counts_every_image_once(tiny):
+    state, _, preprocess = tiny
+    sample = data.load_sample()
+    test = data.ArraySource(sample.test.images[::100], sample.test.labels[::100])  # 10 digits, batches 4+4+2
+    step = train.jit_eval_step(preprocess=preprocess)
+    sums = {"correct": 0.0, "count": 0.0}
+    for batch in data.eval_batches(test, global_batch=4):
+        out = step(state, batch)
+        sums = {k: sums[k] + float(out[k]) for k in sums}
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                            preprocess(test.images), train=False)
+    assert sums["count"] == 10
+    assert sums["correct"] == float(np.sum(np.argmax(logits, -1) == test.labels))
