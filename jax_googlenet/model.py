@@ -206,7 +206,7 @@ def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
     channels; a k x k conv concatenates the k*k shifted (strided) slices of the padded input on the channel
     axis and multiplies by the kernel reshaped to (k*k*C, O). Both compute the same sums; the slices form's
     backward is dots and slice-adds, which XLA:CPU runs faster than its convolution backward."""
-    if impl == "xla":
+    if impl == "xla" or stride > 1:  # conv1 (7x7/2 on 3 channels): XLA's conv is faster, slices 1.5x slower
         return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
     k, _, c, o = kernel.shape
