@@ -338,7 +338,7 @@ def adaptive_avg_pool(x, out: int):
     overlap when out does not divide n (14 -> 4 in torchvision's aux heads)."""
 
     def bins(n):
-        m = np.zeros((out, n), np.float32)
+        m = np.zeros((out, n))  # float64, rounded once to x.dtype
         for i in range(out):
             lo, hi = (i * n) // out, -(-((i + 1) * n) // out)
             m[i, lo:hi] = 1.0 / (hi - lo)
@@ -492,10 +492,11 @@ class GoogLeNet(nn.Module):
                 raise TypeError("GoogLeNet.__call__ needs train=True or train=False")
             train = False
         _, logits, aux = self._forward(x, train, heads=True)
-        f32 = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
+        out = jnp.promote_types(jnp.float32, self.dtype)  # float32 at least: bfloat16 up, float64 kept
+        cast = lambda a: None if a is None else a.astype(out)  # noqa: E731
         if not train:
-            return f32(logits)
-        return GoogLeNetOutputs(f32(logits), f32(aux.get("aux1")), f32(aux.get("aux2")))
+            return cast(logits)
+        return GoogLeNetOutputs(cast(logits), cast(aux.get("aux1")), cast(aux.get("aux2")))
 
     def features(self, x, *, train: bool = False) -> dict[str, jax.Array]:
         """Named stage outputs (`stem`, `inception3a` ... `inception5b`) and the pooled 1024-d `pre_logits`."""
@@ -515,7 +516,8 @@ def googlenet(variant: str = "torchvision", *, num_classes: int = 1000, in_chann
       in_channels: input channels (1 for MNIST).
       aux_logits: build the two auxiliary heads (used in training mode only).
       transform_input: torchvision's option for its pretrained weights: takes ImageNet-normalised RGB input.
-      dtype: computation dtype (bfloat16 for mixed precision); logits are returned in float32.
+      dtype: computation dtype (bfloat16 for mixed precision); logits are returned in float32 (float64 if
+        dtype is float64).
       param_dtype: parameter dtype.
       impl: how convolutions and max pools are computed: "xla" (XLA's convolution and reduce_window),
         "slices" (dots and maxima over shifted slices), or "auto" ("slices" on the CPU, where it trains
