@@ -55,25 +55,28 @@ def assert_same_step(a, prefix_a: str, b, prefix_b: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_and_two_devices(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mesh") / "mesh.npz"
-    wait(run_worker(out, "--devices", "1", "2", devices=2))
-    return np.load(out)
-
-
-def test_two_devices_compute_what_one_device_computes(one_and_two_devices):
-    assert_same_step(one_and_two_devices, "2/", one_and_two_devices, "1/")
-
-
-def test_two_processes_compute_what_one_process_computes(one_and_two_devices, tmp_path):
-    """Two `jax.distributed` processes on localhost, one CPU device and half of the batch each."""
+def results(tmp_path_factory):
+    """One process stepping on a 1- and a 2-device mesh, and two `jax.distributed` processes on localhost with
+    one CPU device and half of the batch each; all three started at once (each mostly compiles)."""
+    out = tmp_path_factory.mktemp("distributed")
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    out = tmp_path / "procs.npz"
     common = ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id"]
-    wait(*[run_worker(out, *common, str(i)) for i in range(2)])
-    assert_same_step(np.load(out), "None/", one_and_two_devices, "1/")
+    procs = [run_worker(out / "mesh.npz", "--devices", "1", "2", devices=2)]
+    procs += [run_worker(out / "procs.npz", *common, str(i)) for i in range(2)]
+    wait(*procs)
+    return np.load(out / "mesh.npz"), np.load(out / "procs.npz")
+
+
+def test_two_devices_compute_what_one_device_computes(results):
+    mesh, _ = results
+    assert_same_step(mesh, "2/", mesh, "1/")
+
+
+def test_two_processes_compute_what_one_process_computes(results):
+    mesh, procs = results
+    assert_same_step(procs, "None/", mesh, "1/")
 
 
 def test_batch_that_does_not_divide_over_the_devices_is_refused():

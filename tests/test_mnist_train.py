@@ -59,7 +59,7 @@ def test_eval_with_a_partial_last_batch_counts_every_image_once(tiny):
     for batch in data.eval_batches(test, global_batch=4):
         out = step(state, batch)
         sums = {k: sums[k] + float(out[k]) for k in sums}
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                            preprocess(test.images), train=False)
+    logits = jax.jit(lambda s, x: s.apply_fn({"params": s.params, "batch_stats": s.batch_stats},
+                                             preprocess(x), train=False))(state, test.images)
     assert sums["count"] == 10
     assert sums["correct"] == float(np.sum(np.argmax(logits, -1) == test.labels))
