@@ -202,7 +202,7 @@ def run(args) -> float:
     from tqdm import tqdm
 
     from jax_googlenet import compilation_cache, data, distributed, train
-    from jax_googlenet.model import accepted_sides, googlenet
+    from jax_googlenet.model import accepted_sides, googlenet, resolve_impl
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     if not args.no_compile_cache:
@@ -242,6 +242,9 @@ def run(args) -> float:
     dtype = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}[cfg["dtype"]]
     model = googlenet(cfg["variant"], num_classes=data.NUM_CLASSES, in_channels=cfg["in_channels"],
                       aux_logits=cfg["aux_logits"], dtype=dtype)
+    if lead:
+        print(f"model: {cfg['variant']} variant, {cfg['dtype']}, convolutions and pools: "
+              f"{resolve_impl(model.impl)} (chosen for the {jax.default_backend()} backend)", flush=True)
     tx = train.make_optimizer(cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
                               weight_decay=cfg["weight_decay"], schedule=cfg["schedule"],
                               total_steps=total_steps,
