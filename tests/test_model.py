@@ -220,3 +220,25 @@ def test_torchvision_init_statistics(small):
     assert abs(kernels.std() - 0.01) < 2e-4 and abs(kernels.mean()) < 1e-4
     assert all(np.all(v == 1) for k, v in flat.items() if k.endswith("bn/scale"))
     assert all(np.all(v == 0) for k, v in flat.items() if k.endswith("bn/bias"))
+
+
+@pytest.mark.parametrize("impl", ["slices", "xla"])
+@pytest.mark.parametrize("side, stride, pad, ceil", [(11, 2, 0, True), (12, 2, 0, False), (9, 1, 1, True)])
+def test_max_pool_and_its_gradient_equal_torch_with_ties(impl, side, stride, pad, ceil):
+    """Values from {0, 1, 2} tie in almost every window: the gradient must go where torch sends it (the
+    window's first maximum), forward and backward, for the strided stem pools and the inception pools."""
+    from jax_googlenet.model import max_pool
+
+    rng = np.random.default_rng(side)
+    x = rng.integers(0, 3, size=(2, side, side, 5)).astype(np.float32)
+    # integer cotangents: sums are exact in any order, so only where each gradient goes can differ
+    g = rng.integers(-8, 9, size=(2, 5, side, side)).astype(np.float32)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    yt = torch.nn.functional.max_pool2d(xt, 3, stride, pad, ceil_mode=ceil)
+    gt = torch.from_numpy(g[:, :, : yt.shape[2], : yt.shape[3]].copy())
+    yt.backward(gt)
+    y, vjp = jax.vjp(lambda v: max_pool(v, 3, stride, "ceil" if ceil else "floor", pad=pad, impl=impl),
+                     jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(gt.permute(0, 2, 3, 1).numpy()))
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(np.asarray(dx), xt.grad.permute(0, 2, 3, 1).numpy())
