@@ -17,6 +17,7 @@ import functools
 import math
 from typing import Any, NamedTuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -218,10 +219,22 @@ def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
     k, _, c, o = kernel.shape
     if k == 1 and stride == 1 and padding == 0:
         return jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
-    x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (padding, padding, 0), (padding, padding, 0), (0, 0, 0)])
     cols = _shifted_slices(x, k, stride)
     return jax.lax.dot_general(jnp.concatenate(cols, axis=-1), kernel.reshape(k * k * c, o),
                                (((3,), (0,)), ((), ())))
+
+
+def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], dtype: Dtype):
+    """module.param, minus flax's check of an existing parameter by tracing its initialiser under
+    jax.eval_shape: for this network's truncated-normal initialisers that check is about 0.45 s of every
+    trace of the train step (a fifth of it). The same shape check is made directly, with flax's error."""
+    if module.has_variable("params", name):
+        value = module.get_variable("params", name)
+        if tuple(value.shape) != tuple(shape):
+            raise flax.errors.ScopeParamShapeError(name, module.scope.path_text, tuple(value.shape), tuple(shape))
+        return value
+    return module.param(name, init, shape, dtype)
 
 
 class Conv(nn.Module):
@@ -241,12 +254,12 @@ class Conv(nn.Module):
     def __call__(self, x):
         k, cin = self.kernel_size, x.shape[-1]
         kernel_init, bias_init = _initializers(self.init)
-        kernel = self.param("kernel", kernel_init, (k, k, cin, self.features), self.param_dtype)
+        kernel = _param(self, "kernel", kernel_init, (k, k, cin, self.features), self.param_dtype)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         y = conv2d(x, kernel, self.stride, self.padding, self.impl)
         if self.use_bias:
             init = _torch_uniform_bias(k * k * cin) if bias_init == "torch_uniform" else nn.initializers.zeros
-            y = y + self.param("bias", init, (self.features,), self.param_dtype).astype(self.dtype)
+            y = y + _param(self, "bias", init, (self.features,), self.param_dtype).astype(self.dtype)
         return y
 
 
@@ -262,9 +275,9 @@ class Dense(nn.Module):
     def __call__(self, x):
         kernel_init, bias_init = _initializers(self.init)
         fan_in = x.shape[-1]
-        kernel = self.param("kernel", kernel_init, (fan_in, self.features), self.param_dtype)
+        kernel = _param(self, "kernel", kernel_init, (fan_in, self.features), self.param_dtype)
         binit = _torch_uniform_bias(fan_in) if bias_init == "torch_uniform" else nn.initializers.zeros
-        bias = self.param("bias", binit, (self.features,), self.param_dtype)
+        bias = _param(self, "bias", binit, (self.features,), self.param_dtype)
         return x.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
 
 
@@ -284,8 +297,8 @@ class BatchNorm(nn.Module):
         f32 = jnp.promote_types(jnp.float32, self.param_dtype)  # statistics in float32 at least, as flax's
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), f32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), f32))
-        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        scale = _param(self, "scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = _param(self, "bias", nn.initializers.zeros, (c,), self.param_dtype)
         if train:
             axes = tuple(range(x.ndim - 1))
             xf = x.astype(f32)
@@ -327,7 +340,7 @@ class BasicConv(nn.Module):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _window_max(xp, window: int, stride: int):
     """Max over window x window windows of an already padded NHWC xp, as the maximum of shifted slices."""
-    return functools.reduce(jnp.maximum, _shifted_slices(xp, window, stride))
+    return functools.reduce(jax.lax.max, _shifted_slices(xp, window, stride))
 
 
 def _window_max_fwd(xp, window, stride):
@@ -339,10 +352,11 @@ def _first_argmax(xp, y, window: int, stride: int):
     """For each output, the row-major index of the first window offset whose input equals the maximum."""
     ho, wo = y.shape[1:3]
     dtype = jnp.int8 if window * window < 128 else jnp.int32
-    idx = jnp.full(y.shape, -1, dtype)
+    idx = jax.lax.full(y.shape, -1, dtype)
     for k in reversed(range(window * window)):  # the lowest matching offset is written last
         i, j = divmod(k, window)
-        idx = jnp.where(_strided_view(xp, i, j, stride, ho, wo) == y, jnp.asarray(k, dtype), idx)
+        hit = jax.lax.eq(_strided_view(xp, i, j, stride, ho, wo), y)
+        idx = jax.lax.select(hit, jax.lax.full(y.shape, k, dtype), idx)
     return idx
 
 
@@ -365,7 +379,8 @@ def _window_max_bwd(window, stride, res, g):
         i, j = divmod(k, window)
         a, b = window - 1 - i, window - 1 - j
         view = lambda t: jax.lax.slice(t, (0, a, b, 0), (n, a + h, b + w, c))  # noqa: E731
-        part = jnp.where(view(ip) == k, view(gp), 0)
+        hit = jax.lax.eq(view(ip), jax.lax.full(xp.shape, k, ip.dtype))
+        part = jax.lax.select(hit, view(gp), jax.lax.full(xp.shape, 0, gp.dtype))
         dxp = part if dxp is None else dxp + part
     return (dxp,)
 
@@ -384,7 +399,7 @@ def max_pool(x, window: int, stride: int, mode: str, pad: int = 0, impl: str = "
     pads = [_pool_padding(n, window, stride, pad, mode) for n in x.shape[1:3]]
     if impl == "xla":
         return nn.max_pool(x, (window, window), (stride, stride), padding=pads)
-    x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+    x = jax.lax.pad(x, jnp.array(-jnp.inf, x.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)])
     return _window_max(x, window, stride)
 
 

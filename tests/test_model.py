@@ -242,3 +242,15 @@ def test_max_pool_and_its_gradient_equal_torch_with_ties(impl, side, stride, pad
     (dx,) = vjp(jnp.asarray(gt.permute(0, 2, 3, 1).numpy()))
     np.testing.assert_array_equal(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy())
     np.testing.assert_array_equal(np.asarray(dx), xt.grad.permute(0, 2, 3, 1).numpy())
+
+
+def test_a_parameter_of_the_wrong_shape_is_refused_with_flaxs_error(small):
+    """Parameters are read without tracing their initialisers (model._param); the shape is still checked."""
+    import flax
+
+    model, variables, x = small
+    flat = traverse_util.flatten_dict(variables["params"], sep="/")
+    flat["inception3a/branch2_1/conv/kernel"] = jnp.zeros((3, 3, 96, 127))
+    bad = {**variables, "params": traverse_util.unflatten_dict(flat, sep="/")}
+    with pytest.raises(flax.errors.ScopeParamShapeError, match=r"inception3a/branch2_1/conv.*\(3, 3, 96, 127\)"):
+        jax.eval_shape(lambda: model.apply(bad, x, train=False))
