@@ -208,21 +208,67 @@ def _shifted_slices(x, window: int, stride: int):
     return [_strided_view(x, i, j, stride, ho, wo) for i in range(window) for j in range(window)]
 
 
-def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
-    """NHWC x HWIO convolution. "xla": lax.conv_general_dilated. "slices": a 1x1 conv is one dot over
-    channels; a k x k conv concatenates the k*k shifted (strided) slices of the padded input on the channel
-    axis and multiplies by the kernel reshaped to (k*k*C, O). Both compute the same sums; the slices form's
-    backward is dots and slice-adds, which XLA:CPU runs faster than its convolution backward."""
-    if impl == "xla" or stride > 1:  # conv1 (7x7/2 on 3 channels): XLA's conv is faster, slices 1.5x slower
-        return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    k, _, c, o = kernel.shape
-    if k == 1 and stride == 1 and padding == 0:
-        return jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+XLA_FORWARD_MIN_SIDE = 8  # stride-1 k x k forward on maps at least this wide: XLA's conv (NOTES.md, attempt 7)
+
+
+def _xla_conv(x, kernel, stride: int, padding: int):
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _im2col(x, k: int, padding: int):
+    """(n, h, w, k*k*c): the k*k shifted views of the zero-padded x side by side, offset-major."""
     x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (padding, padding, 0), (padding, padding, 0), (0, 0, 0)])
-    cols = _shifted_slices(x, k, stride)
-    return jax.lax.dot_general(jnp.concatenate(cols, axis=-1), kernel.reshape(k * k * c, o),
-                               (((3,), (0,)), ((), ())))
+    return jnp.concatenate(_shifted_slices(x, k, 1), axis=-1)
+
+
+def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
+    """NHWC x HWIO convolution. "xla": lax.conv_general_dilated, forward and backward. "slices": a 1x1 conv is
+    one dot over channels; a stride-1 k x k conv (`_conv_kxk`) has a backward made of dots on the k*k shifted
+    views, which XLA:CPU runs 2-3x faster than its convolution backward. Strided convs (conv1) stay on XLA."""
+    if impl == "xla" or stride > 1:  # conv1 (7x7/2 on 3 channels): XLA's conv is faster, slices 1.5x slower
+        return _xla_conv(x, kernel, stride, padding)
+    k = kernel.shape[0]
+    if k == 1 and padding == 0:
+        return jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+    return _conv_kxk(x, kernel, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_kxk(x, kernel, padding: int):
+    """Stride-1 k x k convolution. Forward: XLA's convolution on maps of at least XLA_FORWARD_MIN_SIDE, where
+    XLA:CPU runs it faster, else one dot of the im2col by the (k*k*C, O) kernel (XLA's conv is 3-10x slower on
+    2x2 maps). Backward: dots only, whichever way the forward went."""
+    k, _, c, o = kernel.shape
+    if min(x.shape[1:3]) >= XLA_FORWARD_MIN_SIDE:
+        return _xla_conv(x, kernel, 1, padding)
+    return jax.lax.dot_general(_im2col(x, k, padding), kernel.reshape(k * k * c, o), (((3,), (0,)), ((), ())))
+
+
+def _conv_kxk_fwd(x, kernel, padding):
+    return _conv_kxk(x, kernel, padding), (x, kernel)  # x, not its 9x larger im2col, is kept for the backward
+
+
+def _conv_kxk_bwd(padding, res, dy):
+    """d kernel = im2col(x)^T dy. d x: dcols = dy kernel^T, (n, h, w, k*k*C); input position q sums
+    dcols[q + padding - (i, j), block (i, j)] over the offsets: k*k shifted views of one padded array, which
+    XLA fuses into one elementwise pass."""
+    x, kernel = res
+    k, _, c, o = kernel.shape
+    n, h, w, _ = dy.shape
+    dk = jax.lax.dot_general(_im2col(x, k, padding), dy, (((0, 1, 2), (0, 1, 2)), ((), ())))
+    dcols = jax.lax.dot_general(dy, kernel.reshape(k * k * c, o), (((3,), (1,)), ((), ())))
+    dp = jax.lax.pad(dcols, jnp.zeros((), dcols.dtype), [(0, 0, 0), (k - 1, k - 1, 0), (k - 1, k - 1, 0), (0, 0, 0)])
+    dx = None
+    for i in range(k):
+        for j in range(k):
+            a, b, blk = k - 1 - i + padding, k - 1 - j + padding, (i * k + j) * c
+            view = jax.lax.slice(dp, (0, a, b, blk), (n, a + x.shape[1], b + x.shape[2], blk + c))
+            dx = view if dx is None else dx + view
+    return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
 
 
 def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], dtype: Dtype):

@@ -254,3 +254,24 @@ def test_a_parameter_of_the_wrong_shape_is_refused_with_flaxs_error(small):
     bad = {**variables, "params": traverse_util.unflatten_dict(flat, sep="/")}
     with pytest.raises(flax.errors.ScopeParamShapeError, match=r"inception3a/branch2_1/conv.*\(3, 3, 96, 127\)"):
         jax.eval_shape(lambda: model.apply(bad, x, train=False))
+
+
+@pytest.mark.parametrize("side, k, pad", [(9, 3, 1), (3, 3, 1), (10, 5, 2), (8, 3, 0), (2, 3, 1)])
+def test_slices_convolution_and_its_gradients_equal_torchs_conv2d(side, k, pad):
+    """The CPU path's stride-1 k x k convolution (XLA's forward on maps of 8 and more, im2col below; dots in
+    the backward) against torch.nn.functional.conv2d, forward and both gradients, in float64."""
+    from jax_googlenet.model import conv2d
+
+    rng = np.random.default_rng(side * k)
+    x, w = rng.normal(size=(2, side, side, 3)), rng.normal(size=(k, k, 3, 4))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    wt = torch.from_numpy(w).permute(3, 2, 0, 1).requires_grad_()
+    yt = torch.nn.functional.conv2d(xt, wt, padding=pad)
+    g = rng.normal(size=yt.shape)
+    yt.backward(torch.from_numpy(g))
+    with jax.enable_x64(True):
+        y, vjp = jax.vjp(lambda a, b: conv2d(a, b, 1, pad, "slices"), jnp.asarray(x), jnp.asarray(w))
+        dx, dw = vjp(jnp.asarray(g).transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(y, yt.detach().permute(0, 2, 3, 1).numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dw, wt.grad.permute(2, 3, 1, 0).numpy(), rtol=1e-12, atol=1e-12)
