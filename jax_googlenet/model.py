@@ -225,7 +225,8 @@ def _im2col(x, k: int, padding: int):
 def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
     """NHWC x HWIO convolution. "xla": lax.conv_general_dilated, forward and backward. "slices": a 1x1 conv is
     one dot over channels; a stride-1 k x k conv (`_conv_kxk`) has a backward made of dots on the k*k shifted
-    views, which XLA:CPU runs 2-3x faster than its convolution backward. Strided convs (conv1) stay on XLA."""
+    views, which XLA:CPU runs faster than its convolution backward (benchmarks/NOTES.md, attempts 1 and 7).
+    Strided convs (conv1) stay on XLA's convolution."""
     if impl == "xla" or stride > 1:  # conv1 (7x7/2 on 3 channels): XLA's conv is faster, slices 1.5x slower
         return _xla_conv(x, kernel, stride, padding)
     k = kernel.shape[0]
