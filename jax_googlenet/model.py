@@ -645,9 +645,11 @@ def googlenet(variant: str = "torchvision", *, num_classes: int = 1000, in_chann
       dtype: computation dtype (bfloat16 for mixed precision); logits are returned in float32 (float64 if
         dtype is float64).
       param_dtype: parameter dtype.
-      impl: how convolutions and max pools are computed: "xla" (XLA's convolution and reduce_window),
-        "slices" (dots and maxima over shifted slices), or "auto" ("slices" on the CPU, where it trains
-        faster, "xla" elsewhere). The parameters and the results are the same either way.
+      impl: how convolutions and max pools are computed: "xla" (XLA's convolution and reduce_window,
+        autodiff backward), "slices" (1x1 convs as dots; k x k stride-1 convs with a backward of dots and
+        XLA's convolution forward on maps of 8x8 and more; max pools as maxima of shifted slices with a
+        first-maximum backward), or "auto" ("slices" on the CPU, where it runs faster, "xla" elsewhere).
+        The parameters and the results are the same either way (up to float rounding order).
 
     Returns:
       A `GoogLeNet` flax.linen Module taking NHWC images.
