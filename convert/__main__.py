@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
 import numpy as np
 
-from convert.torchvision import ConversionError, download_state_dict, infer_config, load_state_dict, torchvision_to_flax
+from convert.torchvision import (ConversionError, download_state_dict, infer_config, load_state_dict,
+                                 torchvision_to_flax, without_aux)
+from jax_googlenet.model import googlenet
 
 
 def parse_args(argv):
@@ -29,10 +32,7 @@ def parse_args(argv):
 
 def check(state_dict, config, variables) -> tuple[float, float]:
     """(max abs, relative) difference of PyTorch's and our eval logits on one random batch."""
-    import jax
     import torch
-
-    from jax_googlenet.model import googlenet
 
     jax.config.update("jax_default_matmul_precision", "highest")
     torch_model = _torch_model(state_dict, config)
@@ -49,8 +49,7 @@ def _torch_model(state_dict, config):
 
     m = torchvision.models.googlenet(weights=None, num_classes=config["num_classes"], aux_logits=config["aux_logits"],
                                      transform_input=config["transform_input"], init_weights=False)
-    keep = lambda k: config["aux_logits"] or not k.startswith(("aux1.", "aux2."))  # noqa: E731
-    m.load_state_dict({k: v for k, v in state_dict.items() if keep(k)}, strict=True)
+    m.load_state_dict(state_dict if config["aux_logits"] else without_aux(state_dict), strict=True)
     return m.eval()
 
 
@@ -64,7 +63,7 @@ def main(argv=None) -> int:
         if args.transform_input is None:
             print(f"transform_input={transform} (the default for the {args.variant} variant; "
                   "--transform-input/--no-transform-input to choose)")
-        variables = torchvision_to_flax(sd, variant=args.variant, aux=args.aux)
+        variables = torchvision_to_flax(sd, variant=args.variant, aux=args.aux, model=googlenet(**config))
         from jax_googlenet.checkpoint import save_model
 
         if args.check:
@@ -74,10 +73,10 @@ def main(argv=None) -> int:
             print(f"check against torchvision on a random batch of 2: max abs difference {abs_err:.3g}, "
                   f"relative {rel_err:.3g}")
         path = save_model(args.out, variables, config)
-    except (ConversionError, FileExistsError, ValueError) as e:
+    except (ValueError, FileExistsError) as e:  # ConversionError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
-    n = sum(int(np.prod(a.shape)) for a in __import__("jax").tree.leaves(variables["params"]))
+    n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"]))
     print(f"wrote {path}: {config} with {n:,} parameters")
     return 0
 

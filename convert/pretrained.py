@@ -21,8 +21,9 @@ import numpy as np
 from flax import traverse_util
 
 from convert.torchvision import load_state_dict, state_dict_to_flat
+from jax_googlenet.model import BatchNorm
 
-BN_EPSILON = 1e-3  # torchvision's BasicConv2d
+BN_EPSILON = BatchNorm.epsilon  # torchvision's BasicConv2d: 1e-3
 
 
 def _flat_source(pretrained: Mapping[str, Any]) -> dict[tuple, np.ndarray]:
@@ -68,7 +69,8 @@ def warm_start(pretrained: Mapping[str, Any], model, variables: Mapping[str, Any
       New variables of the target's structure.
     """
     source = _flat_source(pretrained)
-    if not model.variant.batch_norm and any("bn" in p for p in source):
+    folded = not model.variant.batch_norm and any("bn" in p for p in source)
+    if folded:
         source = fold_batch_norm(source)
     target = traverse_util.flatten_dict(dict(variables))
     out, copied, adapted, fresh = {}, [], [], []
@@ -88,9 +90,8 @@ def warm_start(pretrained: Mapping[str, Any], model, variables: Mapping[str, Any
     if not copied and not adapted:
         raise ValueError("warm start transferred nothing: the pretrained weights share no layer with the model")
     if verbose:
-        folded = " (BatchNorm folded into the convs)" if not model.variant.batch_norm and any(
-            "bn" in p for p in _flat_source(pretrained)) else ""
-        print(f"warm start: copied {len(copied)} of {len(target)} tensors{folded}")
+        note = " (BatchNorm folded into the convs)" if folded else ""
+        print(f"warm start: copied {len(copied)} of {len(target)} tensors{note}")
         for line in adapted:
             print(f"  adapted: {line}")
         for line in fresh:

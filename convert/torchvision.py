@@ -119,9 +119,7 @@ def to_torch_array(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
         return value.transpose(3, 2, 0, 1)
     if value.ndim == 2:
         if _is_aux_fc1(path):
-            rows = np.empty(value.shape[0], np.int64)
-            rows[_aux_fc1_rows(value.shape[0])] = np.arange(value.shape[0])
-            value = value[rows]
+            value = value[np.argsort(_aux_fc1_rows(value.shape[0]))]
         return value.T
     return value
 
@@ -160,6 +158,11 @@ def infer_config(state_dict: Mapping[str, Any], variant: str = "torchvision", *,
             "in_channels": int(state_dict[conv1].shape[1]), "aux_logits": aux}
 
 
+def without_aux(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The state dict without the aux heads' keys (`aux1.*`, `aux2.*`)."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(("aux1.", "aux2."))}
+
+
 def _fmt(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
@@ -186,7 +189,7 @@ def torchvision_to_flax(state_dict: Mapping[str, Any], *, variant: str = "torchv
     if model is None:
         model = googlenet(**infer_config(state_dict, variant, aux=aux, naming=naming))
     if not aux:
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("aux1.", "aux2."))}
+        state_dict = without_aux(state_dict)
     source = state_dict_to_flat(state_dict, naming)
     target = traverse_util.flatten_dict(abstract_variables(model))
     unused = [key for path, (key, _) in source.items() if path not in target]

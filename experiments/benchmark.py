@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_googlenet import compilation_cache, googlenet
-from jax_googlenet.train import create_train_state, jit_train_step, make_optimizer
+from jax_googlenet.train import AUX_WEIGHT, create_train_state, jit_train_step, make_optimizer
 
 FRAMEWORKS = ("jax", "torch")
 WORKLOADS = ("eval", "train")
@@ -41,7 +41,6 @@ TORCH_VARIANTS = ("eager", "channels_last", "compile")
 NUM_CLASSES = 1000
 LEARNING_RATE = 0.01  # any constant: the benchmark times the update, not its effect
 MOMENTUM = 0.9
-AUX_WEIGHT = 0.3  # jax_googlenet.train.AUX_WEIGHT; PyTorch's step uses the same "paper" loss
 
 # Dense peak TFLOP/s per card: (float32 as the frameworks run it by default, i.e. TF32 tensor cores where both
 # frameworks use them for convolutions, bfloat16). Vendor data sheets, without sparsity.
@@ -195,7 +194,7 @@ def gpu_peak(device_kind: str, dtype: str) -> tuple[float, str]:
     raise UsageError(f"no known peak for GPU {device_kind!r}; pass --peak-tflops")
 
 
-def machine_record(args, threads: int, torch_mod) -> dict[str, Any]:
+def machine_record(threads: int, torch_mod) -> dict[str, Any]:
     dev = jax.devices()[0]
     record = {
         "platform": dev.platform, "device_kind": dev.device_kind, "device_count": jax.device_count(),
@@ -339,6 +338,7 @@ class JaxRunner:
         info = jax_compile(jitted, call_args, not args.no_compile_cache, not args.skip_cold_compile, events)
         self.compiled = info.pop("compiled")
         self.compile_info = info
+        self.first_call_s = info["compile_warm_s"] or info["compile_cold_s"]
         self.xla_flops = cost_flops(self.compiled)
         self.xla_memory_mb = xla_memory_mb(self.compiled)
         self.pending = []  # every output since the last sync: XLA may run independent eval calls concurrently
@@ -551,13 +551,12 @@ def measure_config(workload, batch, dtype, args, frameworks, torch, events, peak
                 "batch_size": batch, "image_size": args.image_size, "steps_per_window": steps[id(r)],
                 "repeats": args.repeats, "ms_per_step": spread([1e3 * s for s in per_step]),
                 "images_per_s": spread([batch / s for s in per_step]),
-                "first_call_s": getattr(r, "first_call_s", None), **r.compile_info,
+                "first_call_s": r.first_call_s, **r.compile_info,
                 "peak_memory_mb": memory_mb, "memory_method": memory_method,
                 "flops_per_step": flops, "flops_source": source,
                 "achieved_tflops": flops / median / 1e12, "peak_tflops": peaks[dtype][0] / 1e12,
                 "mfu": flops / median / peaks[dtype][0]}
         if r.framework == "jax":
-            cell["first_call_s"] = cell["compile_warm_s"] or cell["compile_cold_s"]
             cell["xla_memory_mb"] = r.xla_memory_mb
         cells.append(cell)
     best_torch = max((c["images_per_s"]["median"] for c in cells if c["framework"] == "torch"), default=None)
@@ -592,7 +591,7 @@ def run(args) -> dict[str, Any]:
     if torch is not None:
         torch_compile_caches(not args.no_compile_cache)
     events = CacheEvents()
-    machine = machine_record(args, threads, torch)
+    machine = machine_record(threads, torch)
     peaks = {}
     for dtype in dtypes:
         if args.peak_tflops:

@@ -239,7 +239,7 @@ def run(args) -> float:
                          f"training images")
     total_steps = steps_per_epoch * cfg["epochs"]
 
-    dtype = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}[cfg["dtype"]]
+    dtype = jax.numpy.dtype(cfg["dtype"])
     model = googlenet(cfg["variant"], num_classes=data.NUM_CLASSES, in_channels=cfg["in_channels"],
                       aux_logits=cfg["aux_logits"], dtype=dtype)
     if lead:

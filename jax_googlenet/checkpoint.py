@@ -45,14 +45,12 @@ def load_model(directory: str | Path) -> tuple[GoogLeNet, dict[str, Any]]:
     config = checkpointer.restore(path, ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     model = googlenet(**config)
     # Restore into the model's own shapes, so a checkpoint that does not fit the configuration fails here.
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=_first_device()),
+    first_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=first_device),
                           abstract_variables(model))
     variables = checkpointer.restore(path, ocp.args.Composite(variables=ocp.args.StandardRestore(target)))
     return model, variables["variables"]
 
-
-def _first_device():
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
 def abstract_variables(model: GoogLeNet) -> dict[str, Any]:

@@ -78,8 +78,10 @@ def load(spec: str, data_dir: str | None = None) -> Dataset:
     if data_dir is not None and not Path(data_dir).is_dir():
         raise DataError(f"--data-dir {data_dir}: no such directory")
     if spec == "auto":
-        source, why = choose_auto(data_dir)
+        source, why, splits = choose_auto(data_dir)
         print(f"data: {source} ({why})", flush=True)
+        if source == "tfds":  # opened or probed already: no second open, network probe or TensorFlow check
+            return load_tfds(data_dir, splits, checked=True)
         spec = source
     if spec == "tfds":
         return load_tfds(data_dir)
@@ -90,18 +92,20 @@ def load(spec: str, data_dir: str | None = None) -> Dataset:
     raise DataError(f"--data {spec!r}: choose one of {', '.join(SOURCES)}")
 
 
-def choose_auto(data_dir: str | None) -> tuple[str, str]:
-    """("tfds" or "sample", why): never waits on TFDS's minutes of download retries."""
+def choose_auto(data_dir: str | None) -> tuple[str, str, Any]:
+    """("tfds" or "sample", why, the opened TFDS splits or None): never waits on TFDS's minutes of download
+    retries."""
     where = _tfds_dir(data_dir)
-    if open_tfds(data_dir) is not None:
-        return "tfds", f"MNIST is prepared in {where}"
+    splits = open_tfds(data_dir)
+    if splits is not None:
+        return "tfds", f"MNIST is prepared in {where}", splits
     if not tensorflow_installed():
         return "sample", (f"MNIST is not prepared in {where} and preparing it needs TensorFlow, which is not "
-                          f"installed: using the 5,000 digits shipped in the package")
+                          f"installed: using the 5,000 digits shipped in the package"), None
     if network_answers():
-        return "tfds", f"MNIST is not prepared in {where} but {_host()} answers: downloading it"
+        return "tfds", f"MNIST is not prepared in {where} but {_host()} answers: downloading it", None
     return "sample", (f"MNIST is not prepared in {where} and {_host()} does not answer within "
-                      f"{PROBE_TIMEOUT_S:g} s: using the 5,000 digits shipped in the package")
+                      f"{PROBE_TIMEOUT_S:g} s: using the 5,000 digits shipped in the package"), None
 
 
 def tensorflow_installed() -> bool:
@@ -149,18 +153,19 @@ def open_tfds(data_dir: str | None, download: bool = False):
         return None
 
 
-def load_tfds(data_dir: str | None) -> Dataset:
-    """Full MNIST from `tfds.data_source` (60,000 train, 10,000 test); downloads and prepares it if needed."""
-    splits = open_tfds(data_dir)
-    if splits is None:
-        where = _tfds_dir(data_dir)
-        if not network_answers():
-            raise DataError(f"MNIST is not prepared (as array_record) in {where} and {_host()} does not "
-                            f"answer; use --data sample or --data idx:DIR offline")
-        if not tensorflow_installed():  # TFDS needs it to prepare (not to read) a dataset
+def load_tfds(data_dir: str | None, splits=None, *, checked: bool = False) -> Dataset:
+    """Full MNIST from `tfds.data_source` (60,000 train, 10,000 test); downloads and prepares it if needed.
+    `splits`: already opened ones; `checked`: the network and TensorFlow were found there already."""
+    if splits is None and not checked:
+        splits = open_tfds(data_dir)
+        if splits is None and not network_answers():
+            raise DataError(f"MNIST is not prepared (as array_record) in {_tfds_dir(data_dir)} and {_host()} does "
+                            f"not answer; use --data sample or --data idx:DIR offline")
+        if splits is None and not tensorflow_installed():  # TFDS needs it to prepare (not to read) a dataset
             raise DataError("preparing MNIST with TFDS the first time needs TensorFlow: "
                             "pip install tensorflow-cpu (reading it afterwards does not)")
-        print(f"data: downloading and preparing MNIST in {where}", flush=True)
+    if splits is None:
+        print(f"data: downloading and preparing MNIST in {_tfds_dir(data_dir)}", flush=True)
         splits = open_tfds(data_dir, download=True)
     train, test = splits
     return Dataset(f"tfds mnist ({len(train):,} train / {len(test):,} test)", train, test)

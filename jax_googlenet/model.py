@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_googlenet.imagenet import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD
+
 Dtype = Any
 
 # name, 1x1, 3x3 reduce, 3x3, "5x5" reduce, "5x5", pool proj: the paper's Table 1, shared by every variant.
@@ -565,17 +567,17 @@ class GoogLeNet(nn.Module):
         v = self.variant
         want_aux = self.aux_logits and heads and (train or self.is_initializing())
         _check_input(v, x.shape, self.in_channels, want_aux)
-        kw = dict(variant=v, dtype=self.dtype, param_dtype=self.param_dtype,
-                  impl=resolve_impl(self.impl))
+        impl = resolve_impl(self.impl)
+        kw = dict(variant=v, dtype=self.dtype, param_dtype=self.param_dtype, impl=impl)
         feats = {}
         if self.transform_input:
             # torchvision: undo ImageNet normalisation, redo it as (x - 0.5) / 0.5, the weights' original input.
-            mean, std = jnp.array([0.485, 0.456, 0.406]), jnp.array([0.229, 0.224, 0.225])
+            mean, std = jnp.array(IMAGENET_MEAN), jnp.array(IMAGENET_STD)
             x = x * (std / 0.5) + (mean - 0.5) / 0.5
         # N x 224 x 224 x C
         x = BasicConv(64, 7, stride=2, padding=3, name="conv1", **kw)(x, train=train)
         # N x 112 x 112 x 64; ceil-mode pools (torchvision) give 56 here, floor (seed) 55
-        x = max_pool(x, 3, 2, v.pool_mode, impl=kw["impl"])
+        x = max_pool(x, 3, 2, v.pool_mode, impl=impl)
         if v.stem_lrn:
             x = local_response_norm(x)
         x = BasicConv(64, 1, name="conv2", **kw)(x, train=train)
@@ -583,19 +585,19 @@ class GoogLeNet(nn.Module):
         if v.stem_lrn:
             x = local_response_norm(x)
         # N x 56 x 56 x 192
-        x = max_pool(x, 3, 2, v.pool_mode, impl=kw["impl"])
+        x = max_pool(x, 3, 2, v.pool_mode, impl=impl)
         feats["stem"] = x
         # N x 28 x 28 x 192
         aux = {}
         for name, *spec in INCEPTION_TABLE:
             if name == "inception4a":
                 # N x 28 x 28 x 480 -> N x 14 x 14 x 480
-                x = max_pool(x, 3, 2, v.pool_mode, impl=kw["impl"])
+                x = max_pool(x, 3, 2, v.pool_mode, impl=impl)
             if name == "inception5a":
                 # N x 14 x 14 x 832 -> N x 7 x 7 x 832. torchvision: 2x2/2; paper 3x3/2; the write-up pools
                 # twice with 3x3/2 (14 -> 6 -> 2 at 224 input).
                 for window, stride in v.maxpool4:
-                    x = max_pool(x, window, stride, v.pool_mode, impl=kw["impl"])
+                    x = max_pool(x, window, stride, v.pool_mode, impl=impl)
             x = Inception(tuple(spec), name=name, **kw)(x, train=train)
             feats[name] = x
             for head, after in AUX_AFTER.items():

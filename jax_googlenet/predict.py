@@ -30,7 +30,8 @@ def load_weights(path: str | Path):
     config = infer_config(sd, "torchvision", aux=False)
     # torchvision builds its pretrained GoogLeNet with transform_input=True; so do we.
     print(f"{path}: torchvision GoogLeNet, aux heads skipped, transform_input=True")
-    return googlenet(**config, transform_input=True), torchvision_to_flax(sd, aux=False)
+    model = googlenet(**config, transform_input=True)
+    return model, torchvision_to_flax(sd, aux=False, model=model)
 
 
 def read_image(path: str | Path) -> np.ndarray:

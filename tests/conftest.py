@@ -3,6 +3,8 @@ import pytest
 import torch
 import torchvision
 
+from convert import torchvision_to_flax
+
 # Parity is measured at full float32 precision on both sides.
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.backends.cudnn.allow_tf32 = False
@@ -36,3 +38,9 @@ def pth_file(tmp_path_factory, torchvision_state_dict):
     path = tmp_path_factory.mktemp("weights") / "googlenet-standin.pth"
     torch.save(torchvision_state_dict, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def variables(torchvision_state_dict):
+    """The stand-in state dict converted to Flax variables, aux heads included."""
+    return torchvision_to_flax(torchvision_state_dict)

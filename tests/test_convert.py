@@ -24,11 +24,6 @@ def n_params(tree) -> int:
     return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
 
 
-@pytest.fixture(scope="module")
-def variables(torchvision_state_dict):
-    return torchvision_to_flax(torchvision_state_dict)
-
-
 @pytest.mark.parametrize("variant, naming", [("torchvision", "torchvision"), ("paper", "torchvision"),
                                              ("seed", "writeup")])
 def test_every_flax_path_has_a_torch_key_and_back(variant, naming):

@@ -40,11 +40,6 @@ def without_dropout(variant: str, **kw) -> GoogLeNet:
     return GoogLeNet(dataclasses.replace(VARIANTS[variant], dropout=0.0, aux_dropout=0.0), **kw)
 
 
-@pytest.fixture(scope="module")
-def variables(torchvision_state_dict):
-    return torchvision_to_flax(torchvision_state_dict)
-
-
 def torch_googlenet(state_dict, **kw) -> torch.nn.Module:
     model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False, dropout=0.0,
                                          dropout_aux=0.0, **kw)
