@@ -287,8 +287,10 @@ def run(args) -> float:
         return train.train_step(state, batch, dropout_rng, loss_mode=cfg["loss_mode"], preprocess=preprocess)
 
     replicated = distributed.replicated(mesh)
-    train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=replicated)
-    eval_step = jax.jit(lambda s, b: train.eval_step(s, b, preprocess=preprocess), out_shardings=replicated)
+    # without_gc: the first calls trace, lower and compile without Python's collector walking the trace
+    train_step = compilation_cache.without_gc(jax.jit(step_fn, donate_argnums=0, out_shardings=replicated))
+    eval_step = compilation_cache.without_gc(
+        jax.jit(lambda s, b: train.eval_step(s, b, preprocess=preprocess), out_shardings=replicated))
 
     def save(step: int) -> None:
         checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),

@@ -1,14 +1,18 @@
-"""JAX's persistent compilation cache for the project's jitted functions.
+"""Compile time: JAX's persistent compilation cache, and Python's garbage collector kept out of tracing.
 
-On by default for the experiments (`--no-compile-cache` turns it off): a second run of the MNIST job or the
-benchmark loads the compiled train step from disk instead of compiling it again. The directory is
+The cache is on by default for the experiments (`--no-compile-cache` turns it off): a second run of the MNIST
+job or the benchmark loads the compiled train step from disk instead of compiling it again. The directory is
 $JAX_GOOGLENET_CACHE_DIR, else ~/.cache/jax_googlenet/xla.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import os
 from pathlib import Path
+from typing import Callable, Iterator
 
 import jax
 
@@ -31,3 +35,31 @@ def enable(path: str | os.PathLike | None = None) -> Path:
 
 def disable() -> None:
     jax.config.update("jax_compilation_cache_dir", None)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off inside the block, back on after (if it was on).
+
+    Tracing the train step allocates some 10^5 objects that all stay alive until it is lowered, and every
+    generation-2 collection on the way walks them all to free nothing: on the project's CPU that was 0.4 s of a
+    2.5 s warm start (trace 1.4 -> 1.0 s). Reference counting still frees everything outside a cycle.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def without_gc(fun: Callable) -> Callable:
+    """`fun` called under `gc_paused()`: for a jitted step, whose first call traces, lowers and compiles."""
+
+    @functools.wraps(fun)
+    def call(*args, **kwargs):
+        with gc_paused():
+            return fun(*args, **kwargs)
+
+    return call
