@@ -256,10 +256,12 @@ def test_a_parameter_of_the_wrong_shape_is_refused_with_flaxs_error(small):
         jax.eval_shape(lambda: model.apply(bad, x, train=False))
 
 
-@pytest.mark.parametrize("side, k, pad", [(9, 3, 1), (3, 3, 1), (10, 5, 2), (8, 3, 0), (2, 3, 1)])
+@pytest.mark.parametrize("side, k, pad", [(9, 3, 1), (3, 3, 1), (10, 5, 2), (8, 3, 0), (2, 3, 1),
+                                          (12, 3, 1), (16, 5, 2), (30, 3, 0), (29, 3, 1)])
 def test_slices_convolution_and_its_gradients_equal_torchs_conv2d(side, k, pad):
-    """The CPU path's stride-1 k x k convolution (XLA's forward on maps of 8 and more, im2col below; dots in
-    the backward) against torch.nn.functional.conv2d, forward and both gradients, in float64."""
+    """The CPU path's stride-1 k x k convolution (XLA's forward on maps of 8 and more, im2col below; in the
+    backward, XLA's weight gradient on outputs 12 to 28 wide, dots otherwise) against
+    torch.nn.functional.conv2d, forward and both gradients, in float64; the sides cross every threshold."""
     from jax_googlenet.model import conv2d
 
     rng = np.random.default_rng(side * k)
