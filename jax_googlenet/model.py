@@ -211,7 +211,7 @@ def _shifted_slices(x, window: int, stride: int):
 
 
 XLA_FORWARD_MIN_SIDE = 8  # stride-1 k x k forward on maps at least this wide: XLA's conv (NOTES.md, attempt 7)
-XLA_WEIGHT_GRAD_SIDES = (12, 28)  # and its weight gradient on maps this wide: XLA's conv backward (attempt 12)
+XLA_WEIGHT_GRAD_SIDES = (12, 28)  # its weight gradient on outputs with both sides in this range: XLA's (attempt 12)
 
 
 def _xla_conv(x, kernel, stride: int, padding: int):
