@@ -219,19 +219,21 @@ def _xla_conv(x, kernel, stride: int, padding: int):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _im2col(x, k: int, padding: int):
-    """(n, h, w, k*k*c): the k*k shifted views of the zero-padded x side by side, offset-major."""
+def _im2col(x, k: int, padding: int, stride: int = 1):
+    """(n, ho, wo, k*k*c): the k*k (strided) shifted views of the zero-padded x side by side, offset-major."""
     x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (padding, padding, 0), (padding, padding, 0), (0, 0, 0)])
-    return jnp.concatenate(_shifted_slices(x, k, 1), axis=-1)
+    return jnp.concatenate(_shifted_slices(x, k, stride), axis=-1)
 
 
 def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
     """NHWC x HWIO convolution. "xla": lax.conv_general_dilated, forward and backward. "slices": a 1x1 conv is
     one dot over channels; a stride-1 k x k conv (`_conv_kxk`) has a backward made of dots on the k*k shifted
     views, which XLA:CPU runs faster than its convolution backward (benchmarks/NOTES.md, attempts 1 and 7).
-    Strided convs (conv1) stay on XLA's convolution."""
-    if impl == "xla" or stride > 1:  # conv1 (7x7/2 on 3 channels): XLA's conv is faster, slices 1.5x slower
+    A strided conv (conv1) keeps XLA's convolution but for its weight gradient (`_conv_strided`)."""
+    if impl == "xla":
         return _xla_conv(x, kernel, stride, padding)
+    if stride > 1:
+        return _conv_strided(x, kernel, stride, padding)
     k = kernel.shape[0]
     if k == 1 and padding == 0:
         return _matmul(x, kernel[0, 0])
@@ -287,6 +289,43 @@ def _conv_kxk_bwd(padding, res, dy):
 
 
 _conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
+
+
+STRIDED_WEIGHT_GRAD_IMAGES = 2  # images per chunk of the strided conv's weight gradient (attempt 16)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_strided(x, kernel, stride: int, padding: int):
+    """Strided convolution (conv1, 7x7/2 on the image): XLA's convolution forward and for the input gradient.
+    The weight gradient is im2col(x)^T dy summed over chunks of STRIDED_WEIGHT_GRAD_IMAGES images in a scan,
+    so each chunk's im2col stays in cache: XLA:CPU's own was 2x slower, and one im2col of the whole batch
+    (147 columns of 3 channels each) costs more than the dot."""
+    return _xla_conv(x, kernel, stride, padding)
+
+
+def _conv_strided_fwd(x, kernel, stride, padding):
+    return _xla_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv_strided_bwd(stride, padding, res, dy):
+    x, kernel = res
+    k, _, c, o = kernel.shape
+    n = x.shape[0]
+    per = max(d for d in range(1, min(n, STRIDED_WEIGHT_GRAD_IMAGES) + 1) if n % d == 0)
+    acc = jnp.promote_types(dy.dtype, jnp.float32)
+
+    def chunk(total, xd):
+        cols = _im2col(xd[0], k, padding, stride).reshape(-1, k * k * c)
+        return total + jax.lax.dot_general(cols, xd[1].reshape(-1, o), (((0,), (0,)), ((), ())),
+                                           preferred_element_type=acc), None
+
+    chunks = (x.reshape(n // per, per, *x.shape[1:]), dy.reshape(n // per, per, *dy.shape[1:]))
+    dk = jax.lax.scan(chunk, jnp.zeros((k * k * c, o), acc), chunks)[0]
+    dx = jax.vjp(lambda v: _xla_conv(v, kernel, stride, padding), x)[1](dy)[0]  # dropped by jit if unused
+    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_conv_strided.defvjp(_conv_strided_fwd, _conv_strided_bwd)
 
 
 def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], dtype: Dtype):
