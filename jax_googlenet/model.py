@@ -299,7 +299,8 @@ def _conv_strided(x, kernel, stride: int, padding: int):
     """Strided convolution (conv1, 7x7/2 on the image): XLA's convolution forward and for the input gradient.
     The weight gradient is im2col(x)^T dy summed over chunks of STRIDED_WEIGHT_GRAD_IMAGES images in a scan,
     so each chunk's im2col stays in cache: XLA:CPU's own was 2x slower, and one im2col of the whole batch
-    (147 columns of 3 channels each) costs more than the dot."""
+    (147 columns of 3 channels each) costs more than the dot. With more than one device, XLA's (the scan
+    would gather a batch sharded over devices onto each of them)."""
     return _xla_conv(x, kernel, stride, padding)
 
 
@@ -309,6 +310,10 @@ def _conv_strided_fwd(x, kernel, stride, padding):
 
 def _conv_strided_bwd(stride, padding, res, dy):
     x, kernel = res
+    conv = functools.partial(_xla_conv, stride=stride, padding=padding)
+    if jax.device_count() > 1:
+        return jax.vjp(conv, x, kernel)[1](dy)
+    dx = jax.vjp(lambda v: conv(v, kernel), x)[1](dy)[0]  # jit drops it: conv1's input is the image
     k, _, c, o = kernel.shape
     n = x.shape[0]
     per = max(d for d in range(1, min(n, STRIDED_WEIGHT_GRAD_IMAGES) + 1) if n % d == 0)
@@ -321,7 +326,6 @@ def _conv_strided_bwd(stride, padding, res, dy):
 
     chunks = (x.reshape(n // per, per, *x.shape[1:]), dy.reshape(n // per, per, *dy.shape[1:]))
     dk = jax.lax.scan(chunk, jnp.zeros((k * k * c, o), acc), chunks)[0]
-    dx = jax.vjp(lambda v: _xla_conv(v, kernel, stride, padding), x)[1](dy)[0]  # dropped by jit if unused
     return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
 
 

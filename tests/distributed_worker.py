@@ -5,6 +5,7 @@ test_distributed.py in subprocesses, so the simulated-device flags do not touch 
 """
 
 import argparse
+import re
 
 import jax
 import numpy as np
@@ -28,7 +29,8 @@ def host_copy(state: T.TrainState) -> dict[str, np.ndarray]:
 
 
 def one_step(num_devices: int | None) -> dict[str, np.ndarray]:
-    """Flattened params and batch_stats before ("init/...") and after one SGD step on the mesh, and the loss."""
+    """Flattened params and batch_stats before ("init/...") and after one SGD step on the mesh, the loss, and
+    how many all-gathers the compiled step makes."""
     mesh = distributed.make_mesh(num_devices)
     distributed.check_batch_size(GLOBAL_BATCH, mesh)
     model = googlenet(num_classes=10, in_channels=1)
@@ -38,8 +40,11 @@ def one_step(num_devices: int | None) -> dict[str, np.ndarray]:
     rows = GLOBAL_BATCH // jax.process_count()
     local = {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in global_batch().items()}
     batch = distributed.shard_batch(local, mesh)
-    state, metrics = T.jit_train_step()(state, batch, distributed.replicate(jax.random.key(1), mesh))
+    rng = distributed.replicate(jax.random.key(1), mesh)
+    step = T.jit_train_step().lower(state, batch, rng).compile()
+    state, metrics = step(state, batch, rng)
     out = host_copy(state)
+    out["all_gathers"] = np.asarray(len(re.findall(r"= \S+ all-gather(-start)?\(", step.as_text())))
     out.update({"init/" + k: v for k, v in before.items()})
     out["loss"] = np.asarray(metrics["loss"])
     return out

@@ -36,7 +36,7 @@ def updates(results, prefix: str) -> dict[str, np.ndarray]:
     """What one step changed: params and batch statistics after minus before."""
     names = [k[len(prefix):] for k in results.files if k.startswith(prefix)]
     return {n: results[prefix + n] - results[prefix + "init/" + n]
-            for n in names if not n.startswith("init/") and n != "loss"}
+            for n in names if not n.startswith("init/") and n not in ("loss", "all_gathers")}
 
 
 def assert_same_step(a, prefix_a: str, b, prefix_b: str) -> None:
@@ -77,6 +77,13 @@ def test_two_devices_compute_what_one_device_computes(results):
 def test_two_processes_compute_what_one_process_computes(results):
     mesh, procs = results
     assert_same_step(procs, "None/", mesh, "1/")
+
+
+def test_a_data_parallel_step_gathers_nothing_onto_one_device(results):
+    """Across devices only sums travel (all-reduce of gradients and batch statistics): no activation or batch
+    is all-gathered, which a scan over the sharded batch axis (conv1's CPU weight gradient) would do."""
+    mesh, procs = results
+    assert int(mesh["2/all_gathers"]) == 0 and int(procs["None/all_gathers"]) == 0
 
 
 def test_batch_that_does_not_divide_over_the_devices_is_refused():
