@@ -316,7 +316,7 @@ def _conv_strided_bwd(stride, padding, res, dy):
     dx = jax.vjp(lambda v: conv(v, kernel), x)[1](dy)[0]  # jit drops it: conv1's input is the image
     k, _, c, o = kernel.shape
     n = x.shape[0]
-    per = max(d for d in range(1, min(n, STRIDED_WEIGHT_GRAD_IMAGES) + 1) if n % d == 0)
+    per = max((d for d in range(1, min(n, STRIDED_WEIGHT_GRAD_IMAGES) + 1) if n % d == 0), default=1)
     acc = jnp.promote_types(dy.dtype, jnp.float32)
 
     def chunk(total, xd):
