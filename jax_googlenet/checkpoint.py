@@ -52,7 +52,6 @@ def load_model(directory: str | Path) -> tuple[GoogLeNet, dict[str, Any]]:
     return model, variables["variables"]
 
 
-
 def abstract_variables(model: GoogLeNet) -> dict[str, Any]:
     """Shapes and dtypes of `model.init`'s variables (aux heads included if built), without computing them."""
     lo, hi = accepted_sides(model.variant, model.aux_logits)

@@ -158,10 +158,11 @@ def load_tfds(data_dir: str | None, splits=None, *, checked: bool = False) -> Da
     `splits`: already opened ones; `checked`: the network and TensorFlow were found there already."""
     if splits is None and not checked:
         splits = open_tfds(data_dir)
-        if splits is None and not network_answers():
+    if splits is None and not checked:
+        if not network_answers():
             raise DataError(f"MNIST is not prepared (as array_record) in {_tfds_dir(data_dir)} and {_host()} does "
                             f"not answer; use --data sample or --data idx:DIR offline")
-        if splits is None and not tensorflow_installed():  # TFDS needs it to prepare (not to read) a dataset
+        if not tensorflow_installed():  # TFDS needs it to prepare (not to read) a dataset
             raise DataError("preparing MNIST with TFDS the first time needs TensorFlow: "
                             "pip install tensorflow-cpu (reading it afterwards does not)")
     if splits is None:

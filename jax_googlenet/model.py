@@ -225,6 +225,13 @@ def _im2col(x, k: int, padding: int, stride: int = 1):
     return jnp.concatenate(_shifted_slices(x, k, stride), axis=-1)
 
 
+def _im2col_weight_grad(x, dy, k: int, padding: int, stride: int = 1, acc=None):
+    """im2col(x)^T dy, (k*k*C, O): a convolution's weight gradient as one 2-D dot (rows contracted)."""
+    cols = _im2col(x, k, padding, stride).reshape(-1, k * k * x.shape[-1])
+    return jax.lax.dot_general(cols, dy.reshape(-1, dy.shape[-1]), (((0,), (0,)), ((), ())),
+                               preferred_element_type=acc)
+
+
 def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
     """NHWC x HWIO convolution. "xla": lax.conv_general_dilated, forward and backward. "slices": a 1x1 conv is
     one dot over channels; a stride-1 k x k conv (`_conv_kxk`) has a backward made of dots on the k*k shifted
@@ -276,7 +283,7 @@ def _conv_kxk_bwd(padding, res, dy):
     if lo <= min(h, w) and max(h, w) <= hi:
         dk = jax.vjp(lambda kern: _xla_conv(x, kern, 1, padding), kernel)[1](dy)[0]
     else:
-        dk = jax.lax.dot_general(_im2col(x, k, padding).reshape(-1, k * k * c), dy2, (((0,), (0,)), ((), ())))
+        dk = _im2col_weight_grad(x, dy, k, padding)
     dcols = jax.lax.dot_general(dy2, kernel.reshape(k * k * c, o), (((1,), (1,)), ((), ()))).reshape(n, h, w, -1)
     dp = jax.lax.pad(dcols, jnp.zeros((), dcols.dtype), [(0, 0, 0), (k - 1, k - 1, 0), (k - 1, k - 1, 0), (0, 0, 0)])
     dx = None
@@ -305,7 +312,7 @@ def _conv_strided(x, kernel, stride: int, padding: int):
 
 
 def _conv_strided_fwd(x, kernel, stride, padding):
-    return _xla_conv(x, kernel, stride, padding), (x, kernel)
+    return _conv_strided(x, kernel, stride, padding), (x, kernel)
 
 
 def _conv_strided_bwd(stride, padding, res, dy):
@@ -320,9 +327,7 @@ def _conv_strided_bwd(stride, padding, res, dy):
     acc = jnp.promote_types(dy.dtype, jnp.float32)
 
     def chunk(total, xd):
-        cols = _im2col(xd[0], k, padding, stride).reshape(-1, k * k * c)
-        return total + jax.lax.dot_general(cols, xd[1].reshape(-1, o), (((0,), (0,)), ((), ())),
-                                           preferred_element_type=acc), None
+        return total + _im2col_weight_grad(*xd, k, padding, stride, acc), None
 
     chunks = (x.reshape(n // per, per, *x.shape[1:]), dy.reshape(n // per, per, *dy.shape[1:]))
     dk = jax.lax.scan(chunk, jnp.zeros((k * k * c, o), acc), chunks)[0]

@@ -256,26 +256,31 @@ def test_a_parameter_of_the_wrong_shape_is_refused_with_flaxs_error(small):
         jax.eval_shape(lambda: model.apply(bad, x, train=False))
 
 
+def assert_slices_conv_equals_torch(rng, batch: int, side: int, k: int, stride: int, pad: int) -> None:
+    """conv2d(impl="slices") against torch.nn.functional.conv2d in float64: forward, input and weight gradients
+    for a random cotangent, to 1e-12."""
+    from jax_googlenet.model import conv2d
+
+    x, w = rng.normal(size=(batch, side, side, 3)), rng.normal(size=(k, k, 3, 4))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    wt = torch.from_numpy(w).permute(3, 2, 0, 1).requires_grad_()
+    yt = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=pad)
+    g = rng.normal(size=yt.shape)
+    yt.backward(torch.from_numpy(g))
+    with jax.enable_x64(True):
+        y, vjp = jax.vjp(lambda a, b: conv2d(a, b, stride, pad, "slices"), jnp.asarray(x), jnp.asarray(w))
+        dx, dw = vjp(jnp.asarray(g).transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(y, yt.detach().permute(0, 2, 3, 1).numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dw, wt.grad.permute(2, 3, 1, 0).numpy(), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("batch, side", [(1, 9), (3, 17), (4, 16)])
 def test_strided_convolution_and_its_gradients_equal_torchs_conv2d(batch, side):
     """The CPU path's strided convolution (conv1's 7x7/2: XLA's forward and input gradient, the weight gradient
     summed over chunks of images in a scan; batches of 1, 3 (odd: chunks of one) and 4) against
     torch.nn.functional.conv2d, forward and both gradients, in float64."""
-    from jax_googlenet.model import conv2d
-
-    rng = np.random.default_rng(batch * side)
-    x, w = rng.normal(size=(batch, side, side, 3)), rng.normal(size=(7, 7, 3, 4))
-    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
-    wt = torch.from_numpy(w).permute(3, 2, 0, 1).requires_grad_()
-    yt = torch.nn.functional.conv2d(xt, wt, stride=2, padding=3)
-    g = rng.normal(size=yt.shape)
-    yt.backward(torch.from_numpy(g))
-    with jax.enable_x64(True):
-        y, vjp = jax.vjp(lambda a, b: conv2d(a, b, 2, 3, "slices"), jnp.asarray(x), jnp.asarray(w))
-        dx, dw = vjp(jnp.asarray(g).transpose(0, 2, 3, 1))
-    np.testing.assert_allclose(y, yt.detach().permute(0, 2, 3, 1).numpy(), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(dx, xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(dw, wt.grad.permute(2, 3, 1, 0).numpy(), rtol=1e-12, atol=1e-12)
+    assert_slices_conv_equals_torch(np.random.default_rng(batch * side), batch, side, 7, 2, 3)
 
 
 @pytest.mark.parametrize("side, k, pad", [(9, 3, 1), (3, 3, 1), (10, 5, 2), (8, 3, 0), (2, 3, 1),
@@ -284,18 +289,4 @@ def test_slices_convolution_and_its_gradients_equal_torchs_conv2d(side, k, pad):
     """The CPU path's stride-1 k x k convolution (XLA's forward on maps of 8 and more, im2col below; in the
     backward, XLA's weight gradient on outputs 12 to 28 wide, dots otherwise) against
     torch.nn.functional.conv2d, forward and both gradients, in float64; the sides cross every threshold."""
-    from jax_googlenet.model import conv2d
-
-    rng = np.random.default_rng(side * k)
-    x, w = rng.normal(size=(2, side, side, 3)), rng.normal(size=(k, k, 3, 4))
-    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
-    wt = torch.from_numpy(w).permute(3, 2, 0, 1).requires_grad_()
-    yt = torch.nn.functional.conv2d(xt, wt, padding=pad)
-    g = rng.normal(size=yt.shape)
-    yt.backward(torch.from_numpy(g))
-    with jax.enable_x64(True):
-        y, vjp = jax.vjp(lambda a, b: conv2d(a, b, 1, pad, "slices"), jnp.asarray(x), jnp.asarray(w))
-        dx, dw = vjp(jnp.asarray(g).transpose(0, 2, 3, 1))
-    np.testing.assert_allclose(y, yt.detach().permute(0, 2, 3, 1).numpy(), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(dx, xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(dw, wt.grad.permute(2, 3, 1, 0).numpy(), rtol=1e-12, atol=1e-12)
+    assert_slices_conv_equals_torch(np.random.default_rng(side * k), 2, side, k, 1, pad)
