@@ -10,22 +10,37 @@ import numpy as np
 
 from convert.torchvision import (ConversionError, download_state_dict, infer_config, load_state_dict,
                                  torchvision_to_flax, without_aux)
-from jax_googlenet.model import googlenet
+from jax_googlenet.model import check_variant, googlenet
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, no usage block: the message says what to change."""
+        self.exit(2, f"error: {message}\n")
+
+
+def variant_name(text: str) -> str:
+    """--variant's value, refused in one line when it is a variant's earlier name."""
+    try:
+        check_variant(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
+    p = Parser(prog="python -m convert", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", help="a .pth state dict (e.g. torchvision's googlenet-1378be20.pth)")
     src.add_argument("--download", action="store_true", help="torchvision's IMAGENET1K_V1 weights (needs network)")
     p.add_argument("--out", required=True, help="new directory for the orbax checkpoint")
-    p.add_argument("--variant", default="torchvision", choices=["torchvision", "seed"],
-                   help="torchvision's names, or the write-up's (ince_3a...) into the seed variant")
+    p.add_argument("--variant", default="torchvision", type=variant_name, choices=["torchvision", "writeup"],
+                   help="torchvision's names, or the write-up's (ince_3a...) into the writeup variant")
     p.add_argument("--no-aux", dest="aux", action="store_false", help="skip the aux heads (untrained in the "
                    "pretrained file; torchvision drops them too)")
     p.add_argument("--transform-input", default=None, action=argparse.BooleanOptionalAction,
                    help="torchvision's input re-normalisation (default: on for the torchvision variant, as "
-                        "torchvision sets it with its pretrained weights; off for seed)")
+                        "torchvision sets it with its pretrained weights; off for writeup)")
     p.add_argument("--check", action="store_true", help="compare with PyTorch on one random batch")
     return p.parse_args(argv)
 

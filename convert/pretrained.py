@@ -5,10 +5,10 @@ Rules, leaf by leaf of the target (our Flax paths):
 - same path and shape: copied (BatchNorm running statistics included);
 - `conv1` kernel with another number of input channels: adapted as timm's `adapt_input_conv` does (summed over
   RGB for 1 channel; for others, RGB repeated and scaled by 3 / in_channels);
-- target without BatchNorm (the "seed" and "paper" variants) from a source with it: each BatchNorm is folded
+- target without BatchNorm (the "writeup" and "paper" variants) from a source with it: each BatchNorm is folded
   into its conv first (kernel * scale / sqrt(var + eps), bias = beta - mean * scale / sqrt(var + eps)), so the
   conv computes what conv + BatchNorm (eval) computed: the only transfer that keeps each layer's function;
-- anything else (another num_classes' heads, the seed variant's 5x5 convs and 1152-input aux fc1): kept fresh
+- anything else (another num_classes' heads, the writeup variant's 5x5 convs and 1152-input aux fc1): kept fresh
   from the target's own initialisation.
 """
 

@@ -8,7 +8,7 @@ map, which torch flattens as (c, h, w) and we as (h, w, c): its rows are permute
 
 Two namings: "torchvision" (torchvision.models.googlenet, e.g. ``inception3a.branch2.1.conv.weight``) and
 "writeup" (the PyTorch model of the write-up this project started from, e.g. ``ince_3a.branch2.2.weight``),
-which converts into our "seed" variant.
+which converts into our "writeup" variant.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class ConversionError(ValueError):
 
 
 def default_naming(variant: str) -> str:
-    return "writeup" if variant == "seed" else "torchvision"
+    return "writeup" if variant == "writeup" else "torchvision"
 
 
 # ----------------------------------------------------------------------------------------------- names
@@ -173,10 +173,10 @@ def torchvision_to_flax(state_dict: Mapping[str, Any], *, variant: str = "torchv
 
     Args:
       state_dict: torch key -> tensor (or array), e.g. `torch.load("googlenet-1378be20.pth", weights_only=True)`.
-      variant: our variant to fill: "torchvision" (torchvision's names) or "seed" (the write-up's names).
+      variant: our variant to fill: "torchvision" (torchvision's names) or "writeup" (the write-up's names).
       aux: convert the aux heads; False skips every `aux1.*`/`aux2.*` key (the pretrained file's aux heads are
         untrained, and torchvision drops them unless asked) and builds the target without them.
-      naming: "torchvision" or "writeup"; by default "writeup" for the seed variant, else "torchvision".
+      naming: "torchvision" or "writeup"; by default "writeup" for the writeup variant, else "torchvision".
       model: the target GoogLeNet; by default `googlenet(**infer_config(state_dict, variant, aux=aux))`.
 
     Returns:

@@ -4,7 +4,7 @@ Two presets (flat configs below; every flag overrides its field):
 
 - ``quick`` (default on a CPU): torchvision's GoogLeNet with 1 input channel on 32x32 digits, Nesterov SGD
   with warmup and cosine decay, small random shifts; a few minutes on 2 CPU cores.
-- ``seed`` (default on an accelerator): the write-up's recipe: its "seed" network and loss, 224x224, batch
+- ``writeup`` (default on an accelerator): the write-up's recipe: its network and loss, 224x224, batch
   300, SGD lr 0.001 momentum 0.7, 50 epochs; `--init googlenet.pth` warm-starts from torchvision's weights.
 
 The job writes to `--workdir`: config.json, metrics.jsonl (one line per epoch), curves.png, and orbax
@@ -34,8 +34,8 @@ PRESETS = {
         batch_size=64, epochs=7, lr=0.02, momentum=0.9, nesterov=True, schedule="cosine", warmup_epochs=0.5,
         weight_decay=5e-4, max_shift=2),
     # The write-up, exactly.
-    "seed": dict(
-        variant="seed", loss_mode="seed", in_channels=1, aux_logits=True, image_size=224, batch_size=300,
+    "writeup": dict(
+        variant="writeup", loss_mode="writeup", in_channels=1, aux_logits=True, image_size=224, batch_size=300,
         epochs=50, lr=0.001, momentum=0.7, nesterov=False, schedule="constant", warmup_epochs=0.0,
         weight_decay=0.0, max_shift=0),
 }
@@ -65,10 +65,10 @@ def parse_args(argv):
                    "in DIR, .gz or not, e.g. torchvision's MNIST/raw)")
     p.add_argument("--data-dir", default=None, help="TFDS data directory (default: TFDS's, ~/tensorflow_datasets)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="recipe to start from (default: quick on a CPU, seed on a GPU/TPU)")
-    p.add_argument("--variant", choices=("torchvision", "paper", "seed"), default=None,
+                   help="recipe to start from (default: quick on a CPU, writeup on a GPU/TPU)")
+    p.add_argument("--variant", choices=("torchvision", "paper", "writeup"), default=None,
                    help="network: torchvision (BatchNorm, torchvision's GoogLeNet), paper (arXiv:1409.4842), "
-                   "seed (the write-up's)")
+                   "writeup (the write-up's)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs")
     p.add_argument("--batch-size", type=int, default=None,
                    help="global batch size (split over devices and processes; must divide by the device count)")
@@ -114,7 +114,7 @@ CONFIG_FLAGS = ("variant", "epochs", "batch_size", "lr", "momentum", "image_size
 def default_preset() -> str:
     import jax
 
-    return "quick" if jax.default_backend() == "cpu" else "seed"
+    return "quick" if jax.default_backend() == "cpu" else "writeup"
 
 
 def make_config(args, stored: dict | None) -> dict:

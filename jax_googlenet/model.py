@@ -4,7 +4,7 @@ One network, three variants given as data (`VARIANTS`):
 
 - ``torchvision``: exactly torchvision 0.29's ``models/googlenet.py`` (the pretrained weights' architecture).
 - ``paper``: the paper's Table 1 and Figure 3.
-- ``seed``: the MNIST model of the write-up this project started from (shared/seed), quirks included.
+- ``writeup``: the MNIST model of the write-up this project started from (shared/seed), quirks included.
 
 Submodules are named after torchvision's attributes (``conv1``, ``inception3a/branch2_1/conv``, ``aux1/fc1``,
 ``fc``): a torchvision key maps to a Flax path by replacing ``.N`` with ``_N`` (see ``convert/``).
@@ -80,11 +80,24 @@ VARIANTS: dict[str, Variant] = {
         aux_dropout_before_fc1=False, aux_dropout=0.7, dropout=0.4, init="he"),
     # The write-up: convs with bias and ReLU, floor-mode 3x3/2 pools, two of them after 4e, a ReLU after the
     # branch-4 pool, and an aux head of 5x5/3 average pool -> 1x1 conv -> fc 1152 (3x3x128), dropout 0.5 twice.
-    "seed": Variant(
-        name="seed", batch_norm=False, branch3_kernel=5, pool_mode="floor", stem_lrn=False,
+    "writeup": Variant(
+        name="writeup", batch_norm=False, branch3_kernel=5, pool_mode="floor", stem_lrn=False,
         maxpool4=((3, 2), (3, 2)), branch4_relu=True, aux_pool="avg5s3", aux_grid=3,
         aux_dropout_before_fc1=True, aux_dropout=0.5, dropout=0.4, init="torch_default"),
 }
+
+
+# Earlier names, refused with a message that gives the current one.
+RENAMED = {"seed": "writeup"}
+
+
+def check_variant(name: str) -> Variant:
+    """The variant called `name`; an unknown or renamed name is one line that says what to write instead."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    if name in RENAMED:
+        raise ValueError(f"the variant {name!r} is now called {RENAMED[name]!r}")
+    raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
 
 
 class GoogLeNetOutputs(NamedTuple):
@@ -120,7 +133,7 @@ def _pool_padding(n: int, window: int, stride: int, pad: int, mode: str) -> tupl
 
 def stage_sizes(variant: str | Variant, side: int) -> dict[str, int]:
     """Spatial side length after each stage, for an input side `side` (rows and columns are independent)."""
-    v = VARIANTS[variant] if isinstance(variant, str) else variant
+    v = check_variant(variant) if isinstance(variant, str) else variant
     sizes = {}
     n = (side + 2 * 3 - 7) // 2 + 1  # conv1: 7x7 stride 2 pad 3
     sizes["conv1"] = n
@@ -146,9 +159,9 @@ def _side_ok(v: Variant, side: int, aux: bool) -> bool:
 
 
 def accepted_sides(variant: str | Variant, aux: bool, up_to: int = 2048) -> tuple[int, int | None]:
-    """(smallest, largest or None) input side the variant accepts; the aux heads of the paper and the seed
+    """(smallest, largest or None) input side the variant accepts; the aux heads of the paper and the writeup
     variants have a fixed-size fc1, so with them only a band of sizes works."""
-    v = VARIANTS[variant] if isinstance(variant, str) else variant
+    v = check_variant(variant) if isinstance(variant, str) else variant
     ok = [s for s in range(1, up_to + 1) if _side_ok(v, s, aux)]
     return ok[0], (None if ok[-1] == up_to else ok[-1])
 
@@ -582,7 +595,7 @@ class InceptionAux(nn.Module):
         if v.aux_pool == "adaptive4":
             x = adaptive_avg_pool(x, 4)  # N x 4 x 4 x C on any input
         else:
-            x = nn.avg_pool(x, (5, 5), (3, 3))  # N x 4 x 4 x C from 14x14 (paper), 3 x 3 from 12x12 (seed)
+            x = nn.avg_pool(x, (5, 5), (3, 3))  # N x 4 x 4 x C from 14x14 (paper), 3 x 3 from 12x12 (writeup)
         x = BasicConv(128, 1, v, dtype=self.dtype, param_dtype=self.param_dtype, impl=self.impl,
                       name="conv")(x, train=train)
         # NHWC flatten; the converter permutes fc1's rows from torch's NCHW order.
@@ -630,7 +643,7 @@ class GoogLeNet(nn.Module):
             x = x * (std / 0.5) + (mean - 0.5) / 0.5
         # N x 224 x 224 x C
         x = BasicConv(64, 7, stride=2, padding=3, name="conv1", **kw)(x, train=train)
-        # N x 112 x 112 x 64; ceil-mode pools (torchvision) give 56 here, floor (seed) 55
+        # N x 112 x 112 x 64; ceil-mode pools (torchvision) give 56 here, floor (writeup) 55
         x = max_pool(x, 3, 2, v.pool_mode, impl=impl)
         if v.stem_lrn:
             x = local_response_norm(x)
@@ -693,7 +706,7 @@ def googlenet(variant: str = "torchvision", *, num_classes: int = 1000, in_chann
 
     Args:
       variant: "torchvision" (torchvision 0.29, the pretrained weights' architecture), "paper" (Table 1 of
-        arXiv:1409.4842) or "seed" (the write-up's MNIST model). See `VARIANTS`.
+        arXiv:1409.4842) or "writeup" (the write-up's MNIST model). See `VARIANTS`.
       num_classes: classifier outputs (main and aux heads).
       in_channels: input channels (1 for MNIST).
       aux_logits: build the two auxiliary heads (used in training mode only).
@@ -710,10 +723,9 @@ def googlenet(variant: str = "torchvision", *, num_classes: int = 1000, in_chann
     Returns:
       A `GoogLeNet` flax.linen Module taking NHWC images.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    v = check_variant(variant)
     if transform_input and in_channels != 3:
         raise ValueError("transform_input needs in_channels=3 (it re-normalises RGB for torchvision's weights)")
     resolve_impl(impl)  # fail early on a typo
-    return GoogLeNet(VARIANTS[variant], num_classes, in_channels, aux_logits, transform_input, dtype,
+    return GoogLeNet(v, num_classes, in_channels, aux_logits, transform_input, dtype,
                      param_dtype, impl)

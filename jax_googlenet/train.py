@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from jax_googlenet.model import GoogLeNetOutputs
+from jax_googlenet.model import RENAMED, GoogLeNetOutputs
 
 AUX_WEIGHT = 0.3  # the paper's weight of each auxiliary loss
-LOSS_MODES = ("paper", "seed")
+LOSS_MODES = ("paper", "writeup")
 
 
 class TrainState(train_state.TrainState):
@@ -59,7 +59,7 @@ def classification_loss(outputs: GoogLeNetOutputs, labels: jax.Array, mode: str 
     """Mean cross-entropy of a training-mode forward.
 
     "paper": CE(logits) + 0.3 * (CE(aux1) + CE(aux2)), the rule of the paper (section 5) that the write-up's
-    text states. "seed": CE(logits + 0.3 * aux1 + 0.3 * aux2), what the write-up's code does: its model returns
+    text states. "writeup": CE(logits + 0.3 * aux1 + 0.3 * aux2), what the write-up's code does: its model returns
     the weighted sum of the three heads' logits and one CE is taken of that, so the heads are trained jointly
     as one ensemble rather than each to classify alone. Missing aux heads count as zero in both.
     """
@@ -67,9 +67,11 @@ def classification_loss(outputs: GoogLeNetOutputs, labels: jax.Array, mode: str 
     auxes = [a for a in (outputs.aux1, outputs.aux2) if a is not None]
     if mode == "paper":
         return ce(outputs.logits) + AUX_WEIGHT * sum(ce(a) for a in auxes)
-    if mode == "seed":
+    if mode == "writeup":
         return ce(outputs.logits + AUX_WEIGHT * sum(auxes))
-    raise ValueError(f"unknown loss mode {mode!r}; choose one of {LOSS_MODES}")
+    if mode in RENAMED:
+        raise ValueError(f"the loss mode {mode!r} is now called {RENAMED[mode]!r}")
+    raise ValueError(f"unknown loss mode {mode!r}; choose one of {', '.join(LOSS_MODES)}")
 
 
 def identity(images: jax.Array) -> jax.Array:

@@ -25,7 +25,7 @@ def n_params(tree) -> int:
 
 
 @pytest.mark.parametrize("variant, naming", [("torchvision", "torchvision"), ("paper", "torchvision"),
-                                             ("seed", "writeup")])
+                                             ("writeup", "writeup")])
 def test_every_flax_path_has_a_torch_key_and_back(variant, naming):
     paths = traverse_util.flatten_dict(abstract_variables(googlenet(variant)))
     keys = {torch_key(p, naming) for p in paths}
@@ -102,7 +102,7 @@ def test_writeup_checkpoints_convert_both_ways():
     torch.manual_seed(0)
     model = WriteupGoogLeNet()
     sd = model.state_dict()
-    v = torchvision_to_flax(sd, variant="seed")
+    v = torchvision_to_flax(sd, variant="writeup")
     assert set(v) == {"params"}
     back = flax_to_torchvision(v, naming="writeup")
     assert all(torch.equal(back[k], t) for k, t in sd.items())
@@ -184,6 +184,13 @@ def test_cli_runs_as_a_module_and_fails_cleanly(tmp_path):
     assert r.stderr.strip() == f"error: {tmp_path / 'none.pth'}: no such file"
 
 
+def test_cli_refuses_the_write_ups_earlier_variant_name_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        convert_main(["--weights", str(tmp_path / "w.pth"), "--out", str(tmp_path / "o"), "--variant", "seed"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: argument --variant: the variant 'seed' is now called 'writeup'\n")
+
+
 # ----------------------------------------------------------------------------------------------- warm start
 
 
@@ -210,8 +217,8 @@ def test_warm_start_other_channel_counts_follow_timm():
     np.testing.assert_allclose(adapt_input_conv(k, 4)[:, :, 3], k[:, :, 0] * 0.75, rtol=1e-6)
 
 
-def test_warm_start_seed_variant_folds_batch_norm_as_torch_fuses_it(torchvision_state_dict, capsys):
-    model = googlenet("seed", num_classes=10, in_channels=1)
+def test_warm_start_writeup_variant_folds_batch_norm_as_torch_fuses_it(torchvision_state_dict, capsys):
+    model = googlenet("writeup", num_classes=10, in_channels=1)
     fresh = abstract_to_zeros(model)
     v = warm_start(torchvision_state_dict, model, fresh)
     sd = torchvision_state_dict
@@ -224,7 +231,7 @@ def test_warm_start_seed_variant_folds_batch_norm_as_torch_fuses_it(torchvision_
     np.testing.assert_allclose(conv["bias"], b.detach().numpy(), rtol=1e-5, atol=1e-7)
     text = capsys.readouterr().out
     assert "BatchNorm folded" in text
-    # The seed variant's 5x5 "5x5" branch and 1152-input aux fc1 have no pretrained counterpart.
+    # The writeup variant's 5x5 "5x5" branch and 1152-input aux fc1 have no pretrained counterpart.
     assert "kept fresh: params/inception3a/branch3_1/conv/kernel (pretrained (3, 3, 16, 32) != (5, 5, 16, 32))" in text
     assert "kept fresh: params/aux1/fc1/kernel" in text
     np.testing.assert_array_equal(v["params"]["inception3a"]["branch3_1"]["conv"]["kernel"],

@@ -170,7 +170,7 @@ def test_corrupted_idx_through_the_cli(env, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--variant", "seed"], "was trained with --variant torchvision, not seed"),
+    (["--variant", "writeup"], "was trained with --variant torchvision, not writeup"),
     (["--image-size", "24"], "was trained with --image-size 16, not 24"),
 ])
 def test_resume_with_another_variant_or_shape_is_refused(uninterrupted, capsys, argv, message):

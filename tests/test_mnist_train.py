@@ -35,19 +35,19 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch(tiny):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_seed_loss_is_ce_of_summed_logits_and_paper_loss_sums_ces():
+def test_writeup_loss_is_ce_of_summed_logits_and_paper_loss_sums_ces():
     labels = jnp.array([0, 1, 2])
     rng = np.random.default_rng(0)
     main, aux1, aux2 = (jnp.asarray(rng.normal(size=(3, 10)), jnp.float32) for _ in range(3))
     ce = lambda z: float(optax.softmax_cross_entropy_with_integer_labels(z, labels).mean())  # noqa: E731
     outputs = GoogLeNetOutputs(main, aux1, aux2)
     paper = float(train.classification_loss(outputs, labels, "paper"))
-    seed = float(train.classification_loss(outputs, labels, "seed"))
+    writeup = float(train.classification_loss(outputs, labels, "writeup"))
     assert paper == pytest.approx(ce(main) + 0.3 * (ce(aux1) + ce(aux2)), rel=1e-6)
-    assert seed == pytest.approx(ce(main + 0.3 * aux1 + 0.3 * aux2), rel=1e-6)
-    assert abs(paper - seed) > 0.1  # not two spellings of one loss
+    assert writeup == pytest.approx(ce(main + 0.3 * aux1 + 0.3 * aux2), rel=1e-6)
+    assert abs(paper - writeup) > 0.1  # not two spellings of one loss
     no_aux = GoogLeNetOutputs(main, None, None)  # without aux heads both are the plain CE
-    assert float(train.classification_loss(no_aux, labels, "seed")) == pytest.approx(ce(main), rel=1e-6)
+    assert float(train.classification_loss(no_aux, labels, "writeup")) == pytest.approx(ce(main), rel=1e-6)
 
 
 def test_eval_with_a_partial_last_batch_counts_every_image_once(tiny):

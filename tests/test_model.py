@@ -8,7 +8,7 @@ import torch
 import torchvision
 from flax import traverse_util
 
-from jax_googlenet import GoogLeNetOutputs, accepted_sides, googlenet, stage_sizes
+from jax_googlenet import GoogLeNetOutputs, accepted_sides, googlenet, stage_sizes, train
 
 KEY = jax.random.key(0)
 
@@ -165,7 +165,7 @@ def test_features_give_named_stages_and_the_pooled_vector(small):
     np.testing.assert_allclose(feats["pre_logits"], feats["inception5b"].mean(axis=(1, 2)), rtol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["torchvision", "paper", "seed"])
+@pytest.mark.parametrize("variant", ["torchvision", "paper", "writeup"])
 @pytest.mark.parametrize("num_classes,in_channels", [(10, 1), (1000, 3)])
 def test_num_classes_and_in_channels_work_for_every_variant(variant, num_classes, in_channels):
     model = googlenet(variant, num_classes=num_classes, in_channels=in_channels)
@@ -180,9 +180,9 @@ def test_num_classes_and_in_channels_work_for_every_variant(variant, num_classes
     # At 224 the paper's Table 1 sizes: 56 after the stem, 28, 14, 7; aux heads pool 14 -> 4.
     ("paper", {"stem": 28, "inception3b": 28, "inception4e": 14, "inception5b": 7, "aux": 4}),
     # The write-up's floor-mode pools: 112 -> 55 -> 27 -> 13, then two pools after 4e: 13 -> 6 -> 2; aux 3x3.
-    ("seed", {"stem": 27, "inception3b": 27, "inception4e": 13, "inception5b": 2, "aux": 3}),
+    ("writeup", {"stem": 27, "inception3b": 27, "inception4e": 13, "inception5b": 2, "aux": 3}),
 ])
-def test_paper_and_seed_shapes_at_224(variant, stages):
+def test_paper_and_writeup_shapes_at_224(variant, stages):
     sizes = stage_sizes(variant, 224)
     assert {k: sizes[k] for k in stages} == stages
     model = googlenet(variant, num_classes=10, in_channels=1)
@@ -199,9 +199,16 @@ def test_mnist_size_inputs_where_the_architecture_allows():
     with pytest.raises(ValueError, match=r"'paper' variant with aux heads accepts image sides of 209 to 256"):
         jax.eval_shape(lambda: googlenet("paper", num_classes=10, in_channels=1).init(KEY, x))
     # The write-up's five floor-mode pools need at least 125 pixels; its aux heads 189 to 236.
-    with pytest.raises(ValueError, match=r"'seed' variant accepts image sides of at least 125 pixels"):
-        jax.eval_shape(lambda: googlenet("seed", num_classes=10, in_channels=1, aux_logits=False).init(KEY, x))
-    assert accepted_sides("seed", aux=True) == (189, 236)
+    with pytest.raises(ValueError, match=r"'writeup' variant accepts image sides of at least 125 pixels"):
+        jax.eval_shape(lambda: googlenet("writeup", num_classes=10, in_channels=1, aux_logits=False).init(KEY, x))
+    assert accepted_sides("writeup", aux=True) == (189, 236)
+
+
+def test_the_write_ups_earlier_name_seed_is_refused_with_the_new_one():
+    with pytest.raises(ValueError, match=r"^the variant 'seed' is now called 'writeup'$"):
+        googlenet("seed")
+    with pytest.raises(ValueError, match=r"^the loss mode 'seed' is now called 'writeup'$"):
+        train.classification_loss(GoogLeNetOutputs(jnp.zeros((1, 10)), None, None), jnp.zeros(1, int), "seed")
 
 
 def test_local_response_norm_equals_torch():

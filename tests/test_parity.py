@@ -1,4 +1,4 @@
-"""Numerical parity with PyTorch: torchvision 0.29's GoogLeNet (and the write-up's model for the seed variant) and
+"""Numerical parity with PyTorch: torchvision 0.29's GoogLeNet (and the write-up's model for the writeup variant) and
 ours, with the same weights (converted by `convert`), the same inputs: forward outputs in float32 at the highest
 precision on both sides, gradients and SGD steps in float64 on both sides.
 
@@ -229,28 +229,28 @@ def test_float64_gradients_and_two_sgd_momentum_steps_equal_torch(sgd_steps_pair
     assert min(rel(-LR * g2[k], move2[k]) for k in g2) > 0.1
 
 
-# ----------------------------------------------------------------------------------------------- seed
+# ----------------------------------------------------------------------------------------------- writeup
 
 
 @pytest.fixture(scope="module")
 def writeup_pair():
     torch.manual_seed(0)
     torch_model = WriteupGoogLeNet()  # PyTorch's default init, as the write-up (1 channel, 10 classes)
-    variables = torchvision_to_flax(torch_model.state_dict(), variant="seed")
+    variables = torchvision_to_flax(torch_model.state_dict(), variant="writeup")
     return torch_model, variables
 
 
-def test_seed_variant_eval_equals_the_writeups_model(writeup_pair):
+def test_writeup_variant_eval_equals_the_writeups_model(writeup_pair):
     torch_model, variables = writeup_pair
     x = torch.randn(2, 1, 224, 224, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = torch_model.eval()(x).numpy()
-    model = GoogLeNet(VARIANTS["seed"], num_classes=10, in_channels=1)
+    model = GoogLeNet(VARIANTS["writeup"], num_classes=10, in_channels=1)
     ours = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, nhwc(x))
     assert rel(ours, ref) < FORWARD_RTOL
 
 
-def test_seed_variant_training_sum_equals_the_writeups_model(writeup_pair):
+def test_writeup_variant_training_sum_equals_the_writeups_model(writeup_pair):
     """The write-up's training-mode output is logits + 0.3 aux1 + 0.3 aux2 (dropout off on both sides)."""
     torch_model, variables = writeup_pair
     torch_model.train()
@@ -259,6 +259,6 @@ def test_seed_variant_training_sum_equals_the_writeups_model(writeup_pair):
     x = torch.randn(2, 1, 224, 224, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = torch_model(x).numpy()
-    model = without_dropout("seed").clone(num_classes=10, in_channels=1)
+    model = without_dropout("writeup").clone(num_classes=10, in_channels=1)
     out = jax.jit(lambda v, x: model.apply(v, x, train=True))(variables, nhwc(x))
     assert rel(out.logits + 0.3 * out.aux1 + 0.3 * out.aux2, ref) < FORWARD_RTOL

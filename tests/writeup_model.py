@@ -1,5 +1,5 @@
 """The write-up's PyTorch GoogLeNet (shared/seed/googlenet-mnist-pytorch-writeup.md), re-typed as the reference for
-our "seed" variant; only `in_channels` and `num_classes` (hard-coded 1 and 10 there) are made arguments."""
+our "writeup" variant; only `in_channels` and `num_classes` (hard-coded 1 and 10 there) are made arguments."""
 
 import torch
 import torch.nn as nn
