@@ -20,8 +20,10 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from convert.torchvision import load_state_dict, state_dict_to_flat
-from jax_googlenet.model import BatchNorm
+from convert.torchvision import infer_config, load_state_dict, state_dict_to_flat, torchvision_to_flax
+from jax_googlenet.checkpoint import load_model
+from jax_googlenet.layers import BatchNorm
+from jax_googlenet.model import googlenet
 
 BN_EPSILON = BatchNorm.epsilon  # torchvision's BasicConv2d: 1e-3
 
@@ -99,14 +101,30 @@ def warm_start(pretrained: Mapping[str, Any], model, variables: Mapping[str, Any
     return traverse_util.unflatten_dict(out)
 
 
-def load_pretrained(path: str | Path, model, variables: Mapping[str, Any]) -> dict[str, Any]:
-    """`warm_start` from a .pth state dict or a checkpoint directory written by `python -m convert`."""
+def read_pretrained(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """(model or None, weights) from a checkpoint directory written by `python -m convert` (its model and
+    variables) or a .pth state dict (no model: the caller decides what it converts into)."""
     path = Path(path)
     if path.is_dir():
-        from jax_googlenet.checkpoint import load_model
+        return load_model(path)
+    return None, load_state_dict(path)
 
-        _, pretrained = load_model(path)
-    else:
-        pretrained = load_state_dict(path)
+
+def load_weights(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """(model, variables) ready to evaluate, from a checkpoint directory or a torchvision .pth; a .pth is
+    converted on the fly into the torchvision variant without its aux heads and with transform_input, as
+    torchvision builds its pretrained GoogLeNet (printed)."""
+    model, weights = read_pretrained(path)
+    if model is not None:
+        return model, weights
+    config = infer_config(weights, "torchvision", aux=False)
+    print(f"{path}: torchvision GoogLeNet, aux heads skipped, transform_input=True")
+    model = googlenet(**config, transform_input=True)
+    return model, torchvision_to_flax(weights, aux=False, model=model)
+
+
+def load_pretrained(path: str | Path, model, variables: Mapping[str, Any]) -> dict[str, Any]:
+    """`warm_start` from a .pth state dict or a checkpoint directory written by `python -m convert`."""
+    _, pretrained = read_pretrained(path)
     print(f"warm start from {path}")
     return warm_start(pretrained, model, variables)

@@ -21,7 +21,7 @@ import numpy as np
 from flax import traverse_util
 
 from jax_googlenet.checkpoint import abstract_variables
-from jax_googlenet.model import VARIANTS, googlenet
+from jax_googlenet.model import check_variant, googlenet
 
 NAMINGS = ("torchvision", "writeup")
 # The write-up's Sequential indices: branch2 = [conv 1x1, ReLU, conv 3x3, ReLU], branch4 = [pool, ReLU, conv, ReLU].
@@ -146,8 +146,7 @@ def state_dict_to_flat(state_dict: Mapping[str, Any], naming: str = "torchvision
 def infer_config(state_dict: Mapping[str, Any], variant: str = "torchvision", *, aux: bool = True,
                  naming: str | None = None) -> dict[str, Any]:
     """`googlenet(**config)` arguments read off a state dict: num_classes from fc, in_channels from conv1."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    check_variant(variant)
     naming = naming or default_naming(variant)
     conv1, fc = torch_key(("params", "conv1", "conv", "kernel"), naming), "fc.weight"
     if conv1 not in state_dict or fc not in state_dict or len(getattr(state_dict[conv1], "shape", ())) != 4:

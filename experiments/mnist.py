@@ -202,7 +202,8 @@ def run(args) -> float:
     from tqdm import tqdm
 
     from jax_googlenet import compilation_cache, data, distributed, train
-    from jax_googlenet.model import accepted_sides, googlenet, resolve_impl
+    from jax_googlenet.model import accepted_sides, googlenet
+    from jax_googlenet.ops import resolve_impl
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     if not args.no_compile_cache:

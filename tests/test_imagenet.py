@@ -7,7 +7,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from jax_googlenet import predict
+from experiments import predict
 from jax_googlenet.imagenet import STD, categories, preprocess
 
 WEIGHTS = torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1

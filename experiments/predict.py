@@ -1,7 +1,7 @@
-"""python -m jax_googlenet.predict --weights FILE IMAGE...: top-5 ImageNet classes of each image.
+"""python -m experiments.predict --weights FILE IMAGE...: top-5 ImageNet classes of each image.
 
 FILE is a checkpoint directory written by `python -m convert` or a torchvision .pth state dict (converted on the
-fly, which needs torch).
+fly by `convert.load_weights`, which needs torch).
 """
 
 from __future__ import annotations
@@ -13,25 +13,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from convert import load_weights
 from jax_googlenet.imagenet import categories, preprocess
-
-
-def load_weights(path: str | Path):
-    """(model, variables) from a checkpoint directory or a .pth file."""
-    path = Path(path)
-    if path.is_dir():
-        from jax_googlenet.checkpoint import load_model
-
-        return load_model(path)
-    from convert.torchvision import infer_config, load_state_dict, torchvision_to_flax
-    from jax_googlenet.model import googlenet
-
-    sd = load_state_dict(path)
-    config = infer_config(sd, "torchvision", aux=False)
-    # torchvision builds its pretrained GoogLeNet with transform_input=True; so do we.
-    print(f"{path}: torchvision GoogLeNet, aux heads skipped, transform_input=True")
-    model = googlenet(**config, transform_input=True)
-    return model, torchvision_to_flax(sd, aux=False, model=model)
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -52,7 +35,7 @@ def top_k(logits: np.ndarray, k: int = 5) -> list[list[tuple[int, float]]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jax_googlenet.predict", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m experiments.predict", description=__doc__)
     p.add_argument("--weights", required=True, help="checkpoint directory (python -m convert) or .pth file")
     p.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
     args = p.parse_args(argv)

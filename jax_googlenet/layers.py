@@ -1,0 +1,111 @@
+"""Flax layers of the network: the convolution (dispatching to `jax_googlenet.ops`), torch's BatchNorm, torch's
+initialisers, and a fully connected layer built from flax's `Dense` with them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jax_googlenet.ops import conv2d
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+def initializers(init: str, fan_in: int) -> tuple[Initializer, Initializer]:
+    """(kernel, bias) initialisers of a conv or fc with `fan_in` inputs per output, for the variant's `init`:
+    "torchvision", "torch_default" (PyTorch's layer defaults) or "he"."""
+    if init == "torchvision":
+        # torchvision: trunc_normal_(std=0.01, a=-2, b=2); a and b are absolute, i.e. +-200 std.
+        kernel = nn.initializers.truncated_normal(0.01, lower=-200.0, upper=200.0)
+    elif init == "torch_default":
+        # torch's kaiming_uniform_(a=sqrt(5)) is U(+-1/sqrt(fan_in)); its bias the same bound.
+        kernel = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+    else:
+        return nn.initializers.he_normal(), nn.initializers.zeros
+    bound = 1 / math.sqrt(fan_in)  # torch's bias init for Conv2d and Linear: U(+-1/sqrt(fan_in))
+    return kernel, lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], dtype: Dtype):
+    """module.param, minus flax's check of an existing parameter by tracing its initialiser under
+    jax.eval_shape: for this network's truncated-normal initialisers that check is about 0.45 s of every
+    trace of the train step (a fifth of it). The same shape check is made directly, with flax's error."""
+    if module.has_variable("params", name):
+        value = module.get_variable("params", name)
+        if tuple(value.shape) != tuple(shape):
+            raise flax.errors.ScopeParamShapeError(name, module.scope.path_text, tuple(value.shape), tuple(shape))
+        return value
+    return module.param(name, init, shape, dtype)
+
+
+class Conv(nn.Module):
+    """2-D convolution with an HWIO `kernel` (and optional `bias`), torch-style symmetric padding; `impl` as in
+    `jax_googlenet.ops`."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    use_bias: bool = False
+    init: str = "torchvision"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x):
+        k, cin = self.kernel_size, x.shape[-1]
+        kernel_init, bias_init = initializers(self.init, k * k * cin)
+        kernel = _param(self, "kernel", kernel_init, (k, k, cin, self.features), self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = conv2d(x, kernel, self.stride, self.padding, self.impl)
+        if self.use_bias:
+            y = y + _param(self, "bias", bias_init, (self.features,), self.param_dtype).astype(self.dtype)
+        return y
+
+
+def dense(features: int, fan_in: int, init: str, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
+    """flax's Dense with the variant's torch-style initialisers (the bias bound needs `fan_in`)."""
+    kernel_init, bias_init = initializers(init, fan_in)
+    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init,
+                    name=name)
+
+
+class BatchNorm(nn.Module):
+    """torch's BatchNorm2d(eps=1e-3) over the last axis, with flax's names (`scale`, `bias`; `batch_stats`
+    `mean`, `var`). Unlike flax's BatchNorm, the running variance is updated with the unbiased batch variance,
+    as torch does: flax keeps the biased one, which differs by n/(n-1) (3% on the aux heads' 4x4 maps at batch 2)."""
+
+    momentum: float = 0.9  # torch's momentum 0.1 updates running = 0.9 * running + 0.1 * batch
+    epsilon: float = 1e-3
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        c = x.shape[-1]
+        f32 = jnp.promote_types(jnp.float32, self.param_dtype)  # statistics in float32 at least, as flax's
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), f32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), f32))
+        scale = _param(self, "scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = _param(self, "bias", nn.initializers.zeros, (c,), self.param_dtype)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            xf = x.astype(f32)
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            if not self.is_initializing():
+                n = x.size // c
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var * (n / max(n - 1, 1))
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        mul = scale.astype(f32) * jax.lax.rsqrt(var + self.epsilon)
+        return (x.astype(self.dtype) - mean.astype(self.dtype)) * mul.astype(self.dtype) + bias.astype(self.dtype)
+

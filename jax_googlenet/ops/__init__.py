@@ -1,0 +1,36 @@
+"""Convolution, pooling and normalisation kernels of the network, apart from its architecture.
+
+Each op takes an `impl`: "xla" (XLA's convolution and reduce_window, autodiff backward), "slices" (dots on
+shifted views of the padded map, with custom backward passes; `ops/conv.py` and `ops/pool.py` say where each
+kernel is used and the measured reason), or "auto": "slices" on the CPU, where XLA:CPU runs the train step
+faster with it (benchmarks/NOTES.md, "Attempts"), "xla" elsewhere (cuDNN has its own kernels). Both give the same parameters and the same results
+up to float rounding order; tests/test_ops.py checks each against torch.
+
+- `conv.py`: `conv2d`, NHWC x HWIO.
+- `pool.py`: `max_pool` (torch ceil/floor mode or TensorFlow SAME), `adaptive_avg_pool`, pool output sizes.
+- `norm.py`: `local_response_norm` (the paper variant's LRN).
+- `windows.py`: the shifted strided views that the slices kernels are built from.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jax_googlenet.ops.conv import conv2d
+from jax_googlenet.ops.norm import local_response_norm
+from jax_googlenet.ops.pool import adaptive_avg_pool, max_pool, pool_output_size
+
+IMPLS = ("auto", "xla", "slices")
+
+
+def resolve_impl(impl: str) -> str:
+    """"auto" is "slices" on the CPU, where it trains faster (benchmarks/NOTES.md), and "xla" elsewhere."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        return "slices" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+__all__ = ["IMPLS", "adaptive_avg_pool", "conv2d", "local_response_norm", "max_pool", "pool_output_size",
+           "resolve_impl"]

@@ -1,0 +1,157 @@
+"""2-D convolution, NHWC x HWIO, in two implementations chosen by `impl` (see `jax_googlenet.ops`).
+
+"xla": `lax.conv_general_dilated` and its autodiff backward; the GPU's path (cuDNN).
+
+"slices", the CPU's path, where XLA:CPU's convolution backward is the slow part of the train step:
+- 1x1 convolutions: one 2-D dot over channels (`_matmul`).
+- stride-1 k x k convolutions (`_conv_kxk`, a custom VJP): XLA's convolution forward on maps of 8x8 and more,
+  an im2col dot below (XLA's is 3-10x slower on 2x2 maps); backward as dots on the k*k shifted views, keeping
+  x rather than its k*k times larger im2col, except XLA's weight gradient on 12-28 wide outputs, where it is
+  1.3-2.6x faster than the im2col dot.
+- strided convolutions (conv1, 7x7/2 on the image; `_conv_strided`): XLA's convolution forward and input
+  gradient; the weight gradient as im2col + dot over chunks of two images in a scan (XLA:CPU's is 2x slower).
+Every figure is from benchmarks/NOTES.md, section "Attempts", measured in the full train step on the project's
+2-core CPU; tests/test_ops.py checks each path against `torch.nn.functional.conv2d` in float64.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jax_googlenet.ops.windows import shifted_slices
+
+# Stride-1 k x k forward on maps at least this wide: XLA's convolution (NOTES.md, "XLA's convolution for the
+# forward, dots for the backward").
+XLA_FORWARD_MIN_SIDE = 8
+# Its weight gradient on outputs with both sides in this range: XLA's (NOTES.md, "XLA's convolution backward for
+# the weight gradient on outputs 12 to 28 wide").
+XLA_WEIGHT_GRAD_SIDES = (12, 28)
+
+
+def _xla_conv(x, kernel, stride: int, padding: int):
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _im2col(x, k: int, padding: int, stride: int = 1):
+    """(n, ho, wo, k*k*c): the k*k (strided) shifted views of the zero-padded x side by side, offset-major."""
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (padding, padding, 0), (padding, padding, 0), (0, 0, 0)])
+    return jnp.concatenate(shifted_slices(x, k, stride), axis=-1)
+
+
+def _im2col_weight_grad(x, dy, k: int, padding: int, stride: int = 1, acc=None):
+    """im2col(x)^T dy, (k*k*C, O): a convolution's weight gradient as one 2-D dot (rows contracted)."""
+    cols = _im2col(x, k, padding, stride).reshape(-1, k * k * x.shape[-1])
+    return jax.lax.dot_general(cols, dy.reshape(-1, dy.shape[-1]), (((0,), (0,)), ((), ())),
+                               preferred_element_type=acc)
+
+
+def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
+    """NHWC x HWIO convolution. "xla": lax.conv_general_dilated, forward and backward. "slices": a 1x1 conv is
+    one dot over channels; a stride-1 k x k conv (`_conv_kxk`) has a backward made of dots on the k*k shifted
+    views, which XLA:CPU runs faster than its convolution backward (module docstring).
+    A strided conv (conv1) keeps XLA's convolution but for its weight gradient (`_conv_strided`)."""
+    if impl == "xla":
+        return _xla_conv(x, kernel, stride, padding)
+    if stride > 1:
+        return _conv_strided(x, kernel, stride, padding)
+    k = kernel.shape[0]
+    if k == 1 and padding == 0:
+        return _matmul(x, kernel[0, 0])
+    return _conv_kxk(x, kernel, padding)
+
+
+def _matmul(x, w):
+    """(..., C) @ (C, O) as a 2-D dot. Its autodiff weight gradient is then a 2-D dot contracting rows,
+    which XLA:CPU runs at 1.4-1.8x the speed of the same contraction over a 4-D array's (N, H, W) axes (that
+    one transposes the operand first; benchmarks/NOTES.md, "Dots on 2-D reshapes")."""
+    y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), w, (((1,), (0,)), ((), ())))
+    return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_kxk(x, kernel, padding: int):
+    """Stride-1 k x k convolution. Forward: XLA's convolution on maps of at least XLA_FORWARD_MIN_SIDE, where
+    XLA:CPU runs it faster, else one dot of the im2col by the (k*k*C, O) kernel (XLA's conv is 3-10x slower on
+    2x2 maps). Backward: dots only, whichever way the forward went."""
+    k, _, c, o = kernel.shape
+    if min(x.shape[1:3]) >= XLA_FORWARD_MIN_SIDE:
+        return _xla_conv(x, kernel, 1, padding)
+    return _matmul(_im2col(x, k, padding), kernel.reshape(k * k * c, o))
+
+
+def _conv_kxk_fwd(x, kernel, padding):
+    return _conv_kxk(x, kernel, padding), (x, kernel)  # x, not its 9x larger im2col, is kept for the backward
+
+
+def _conv_kxk_bwd(padding, res, dy):
+    """d kernel = im2col(x)^T dy, or XLA's convolution backward on outputs XLA_WEIGHT_GRAD_SIDES wide (there
+    1.3-2.6x faster; at 56x56 1.8x slower). d x: dcols = dy kernel^T, (n, h, w, k*k*C); input position q
+    sums dcols[q + padding - (i, j), block (i, j)] over the offsets: k*k shifted views of one padded array,
+    which XLA fuses into one elementwise pass."""
+    x, kernel = res
+    k, _, c, o = kernel.shape
+    n, h, w, _ = dy.shape
+    dy2 = dy.reshape(-1, o)
+    lo, hi = XLA_WEIGHT_GRAD_SIDES
+    if lo <= min(h, w) and max(h, w) <= hi:
+        dk = jax.vjp(lambda kern: _xla_conv(x, kern, 1, padding), kernel)[1](dy)[0]
+    else:
+        dk = _im2col_weight_grad(x, dy, k, padding)
+    dcols = jax.lax.dot_general(dy2, kernel.reshape(k * k * c, o), (((1,), (1,)), ((), ()))).reshape(n, h, w, -1)
+    dp = jax.lax.pad(dcols, jnp.zeros((), dcols.dtype), [(0, 0, 0), (k - 1, k - 1, 0), (k - 1, k - 1, 0), (0, 0, 0)])
+    dx = None
+    for i in range(k):
+        for j in range(k):
+            a, b, blk = k - 1 - i + padding, k - 1 - j + padding, (i * k + j) * c
+            view = jax.lax.slice(dp, (0, a, b, blk), (n, a + x.shape[1], b + x.shape[2], blk + c))
+            dx = view if dx is None else dx + view
+    return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
+
+
+# Images per chunk of the strided conv's weight gradient (NOTES.md, "conv1's weight gradient as im2col + dot
+# over chunks of two images").
+STRIDED_WEIGHT_GRAD_IMAGES = 2
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_strided(x, kernel, stride: int, padding: int):
+    """Strided convolution (conv1, 7x7/2 on the image): XLA's convolution forward and for the input gradient.
+    The weight gradient is im2col(x)^T dy summed over chunks of STRIDED_WEIGHT_GRAD_IMAGES images in a scan,
+    so each chunk's im2col stays in cache: XLA:CPU's own is 2x slower, and one im2col of the whole batch
+    (147 columns of 3 channels each) costs more than the dot. With more than one device, XLA's (the scan
+    would gather a batch sharded over devices onto each of them)."""
+    return _xla_conv(x, kernel, stride, padding)
+
+
+def _conv_strided_fwd(x, kernel, stride, padding):
+    return _conv_strided(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv_strided_bwd(stride, padding, res, dy):
+    x, kernel = res
+    conv = functools.partial(_xla_conv, stride=stride, padding=padding)
+    if jax.device_count() > 1:
+        return jax.vjp(conv, x, kernel)[1](dy)
+    dx = jax.vjp(lambda v: conv(v, kernel), x)[1](dy)[0]  # jit drops it: conv1's input is the image
+    k, _, c, o = kernel.shape
+    n = x.shape[0]
+    per = max((d for d in range(1, min(n, STRIDED_WEIGHT_GRAD_IMAGES) + 1) if n % d == 0), default=1)
+    acc = jnp.promote_types(dy.dtype, jnp.float32)
+
+    def chunk(total, xd):
+        return total + _im2col_weight_grad(*xd, k, padding, stride, acc), None
+
+    chunks = (x.reshape(n // per, per, *x.shape[1:]), dy.reshape(n // per, per, *dy.shape[1:]))
+    dk = jax.lax.scan(chunk, jnp.zeros((k * k * c, o), acc), chunks)[0]
+    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_conv_strided.defvjp(_conv_strided_fwd, _conv_strided_bwd)
+

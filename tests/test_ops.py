@@ -1,0 +1,71 @@
+"""The convolution, pooling and normalisation kernels (jax_googlenet.ops) against torch's own functions: each
+implementation's forward and gradients, with the thresholds at which the CPU path switches kernels crossed."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jax_googlenet.ops import conv2d, local_response_norm, max_pool
+
+
+def assert_slices_conv_equals_torch(rng, batch: int, side: int, k: int, stride: int, pad: int) -> None:
+    """conv2d(impl="slices") against torch.nn.functional.conv2d in float64: forward, input and weight gradients
+    for a random cotangent, to 1e-12."""
+    x, w = rng.normal(size=(batch, side, side, 3)), rng.normal(size=(k, k, 3, 4))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    wt = torch.from_numpy(w).permute(3, 2, 0, 1).requires_grad_()
+    yt = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=pad)
+    g = rng.normal(size=yt.shape)
+    yt.backward(torch.from_numpy(g))
+    with jax.enable_x64(True):
+        y, vjp = jax.vjp(lambda a, b: conv2d(a, b, stride, pad, "slices"), jnp.asarray(x), jnp.asarray(w))
+        dx, dw = vjp(jnp.asarray(g).transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(y, yt.detach().permute(0, 2, 3, 1).numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dw, wt.grad.permute(2, 3, 1, 0).numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch, side", [(1, 9), (3, 17), (4, 16)])
+def test_strided_convolution_and_its_gradients_equal_torchs_conv2d(batch, side):
+    """The CPU path's strided convolution (conv1's 7x7/2: XLA's forward and input gradient, the weight gradient
+    summed over chunks of images in a scan; batches of 1, 3 (odd: chunks of one) and 4) against
+    torch.nn.functional.conv2d, forward and both gradients, in float64."""
+    assert_slices_conv_equals_torch(np.random.default_rng(batch * side), batch, side, 7, 2, 3)
+
+
+@pytest.mark.parametrize("side, k, pad", [(9, 3, 1), (3, 3, 1), (10, 5, 2), (8, 3, 0), (2, 3, 1),
+                                          (12, 3, 1), (16, 5, 2), (30, 3, 0), (29, 3, 1)])
+def test_slices_convolution_and_its_gradients_equal_torchs_conv2d(side, k, pad):
+    """The CPU path's stride-1 k x k convolution (XLA's forward on maps of 8 and more, im2col below; in the
+    backward, XLA's weight gradient on outputs 12 to 28 wide, dots otherwise) against
+    torch.nn.functional.conv2d, forward and both gradients, in float64; the sides cross every threshold."""
+    assert_slices_conv_equals_torch(np.random.default_rng(side * k), 2, side, k, 1, pad)
+
+
+@pytest.mark.parametrize("impl", ["slices", "xla"])
+@pytest.mark.parametrize("side, stride, pad, ceil", [(11, 2, 0, True), (12, 2, 0, False), (9, 1, 1, True)])
+def test_max_pool_and_its_gradient_equal_torch_with_ties(impl, side, stride, pad, ceil):
+    """Values from {0, 1, 2} tie in almost every window: the gradient must go where torch sends it (the
+    window's first maximum), forward and backward, for the strided stem pools and the inception pools."""
+    rng = np.random.default_rng(side)
+    x = rng.integers(0, 3, size=(2, side, side, 5)).astype(np.float32)
+    # integer cotangents: sums are exact in any order, so only where each gradient goes can differ
+    g = rng.integers(-8, 9, size=(2, 5, side, side)).astype(np.float32)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    yt = torch.nn.functional.max_pool2d(xt, 3, stride, pad, ceil_mode=ceil)
+    gt = torch.from_numpy(g[:, :, : yt.shape[2], : yt.shape[3]].copy())
+    yt.backward(gt)
+    y, vjp = jax.vjp(lambda v: max_pool(v, 3, stride, "ceil" if ceil else "floor", pad=pad, impl=impl),
+                     jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(gt.permute(0, 2, 3, 1).numpy()))
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(np.asarray(dx), xt.grad.permute(0, 2, 3, 1).numpy())
+
+
+def test_local_response_norm_equals_torch():
+    x = np.random.default_rng(0).normal(size=(2, 5, 5, 64)).astype(np.float32) * 10
+    expected = torch.nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)(torch.from_numpy(x).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(local_response_norm(jnp.asarray(x)), expected.permute(0, 2, 3, 1).numpy(),
+                               rtol=1e-6, atol=1e-6)
