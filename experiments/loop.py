@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterable, NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from tqdm import tqdm
 
+from experiments import progress
 from jax_googlenet import compilation_cache, distributed
 
 MAX_TO_KEEP = 3  # checkpoints kept
@@ -223,8 +223,8 @@ def train_epoch(job: Job, epoch: int, stop: StopFlag) -> Trained:
     skip = job.step - epoch * job.steps_per_epoch
     batches = job.train_batches(epoch, skip)
     losses, accuracies = [], []
-    with tqdm(total=job.steps_per_epoch * batch_size, initial=skip * batch_size, unit="img",
-              desc=f"epoch {epoch + 1}/{job.cfg['epochs']}", disable=not job.lead, dynamic_ncols=True) as shown:
+    with progress.bar(job.steps_per_epoch * batch_size, initial=skip * batch_size,
+                      desc=f"epoch {epoch + 1}/{job.cfg['epochs']}", disable=not job.lead) as shown:
         pending, t0 = None, time.time()
 
         def collect(at_step, metrics):
@@ -235,8 +235,7 @@ def train_epoch(job: Job, epoch: int, stop: StopFlag) -> Trained:
                                     f"good checkpoint: {good if good is not None else 'none'} in {job.workdir}")
             losses.append(loss)
             accuracies.append(accuracy)
-            shown.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            shown.update(batch_size)
+            shown.update(batch_size, loss=loss)
 
         for batch in batches:
             job.state, metrics = job.train_step(job.state, distributed.shard_batch(batch, job.mesh))

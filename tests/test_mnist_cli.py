@@ -99,6 +99,8 @@ def test_sigterm_then_resume_gives_the_uninterrupted_parameters_bit_for_bit(env,
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by signal 15" in err and "Traceback" not in err
+    # stderr is a pipe: progress comes as plain lines (6 steps of 8 images, each past a tenth), no redrawn bar
+    assert "epoch 1/3: 8/48 img (17%), loss " in err and "epoch 1/3: 48/48 img (100%)" in err and "\r" not in err
     killed_at, _ = final_params(workdir)
     assert 6 <= killed_at < 18
 
@@ -192,7 +194,7 @@ def test_nan_loss_stops_with_one_line_and_saves_nothing_bad(env, capsys):
     argv = ["--data", env["data"], "--workdir", str(workdir), *TINY[:-4], "--epochs", "1", "--lr", "1e30"]
     rc, _, err = run_main(argv, capsys)
     assert rc == 1 and "the loss became" in err and "Last good checkpoint: none" in err
-    # stderr also carries the progress bar (carriage-return updates); the error is one line after it
+    # stderr also carries the progress lines; the error is the one line after them
     assert err.rstrip().splitlines()[-1].startswith("error: the loss became") and "Traceback" not in err
     assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
 
