@@ -5,7 +5,8 @@ A job (experiments/mnist.py) sets up its config, data, model and steps, gathers 
 
 - `restore_or_start`: continue from the latest checkpoint (`--resume`) or write config.json to a new run;
 - `train_epoch`: one epoch of train steps, the device a step ahead of the host, a NaN loss stopping the run and
-  SIGINT/SIGTERM saving a checkpoint and exiting with 128 + the signal number;
+  SIGINT/SIGTERM saving a checkpoint and exiting with 128 + the signal number (after the epoch's results when
+  the signal comes at its end);
 - `evaluate`: the test metrics over every test example once;
 - `write_results`: the epoch's checkpoint, metrics.jsonl, curves.png and one printed line;
 - `finish`: the last line and the final test accuracy.
@@ -99,7 +100,8 @@ def make_mesh(devices: int | None, batch_size: int):
 
 class Checkpoints:
     """The run's orbax checkpoints in workdir/checkpoints, the last MAX_TO_KEEP kept: each holds the train
-    state and the metrics history so far (so metrics.jsonl follows resumes); orbax writes each atomically."""
+    state and, as JSON, the metrics history so far (so metrics.jsonl follows resumes) and, when saved by a
+    signal within an epoch, that epoch's train metrics so far. orbax writes each atomically."""
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
@@ -109,13 +111,14 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, history: list[dict]) -> None:
+    def save(self, step: int, state, history: list[dict], epoch_so_far: dict | None = None) -> None:
+        meta = {"history": history} if epoch_so_far is None else {"history": history, "epoch_so_far": epoch_so_far}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave({"history": history})), force=True)
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
 
-    def restore(self, state) -> tuple[Any, list[dict], int]:
-        """(state, history, step) of the latest checkpoint, `state` giving the tree, shapes and shardings."""
+    def restore(self, state) -> tuple[Any, dict, int]:
+        """(state, meta, step) of the latest checkpoint, `state` giving the tree, shapes and shardings."""
         step = self.manager.latest_step()
         if step is None:
             raise UsageError(f"--resume: {self.workdir} holds no checkpoint")
@@ -126,7 +129,7 @@ class Checkpoints:
         except (ValueError, KeyError, TypeError) as e:  # a tree or shape that config.json did not announce
             raise UsageError(f"--resume: checkpoint {step} in {self.workdir} does not fit this model: "
                              f"{str(e).splitlines()[0]}") from None
-        return restored.state, restored.meta["history"], step
+        return restored.state, restored.meta, step
 
     def close(self) -> None:
         self.manager.close()
@@ -152,6 +155,7 @@ class Job:
     eval_batches: Callable[[], Iterable[dict]]  # every test example once, the padding masked
     checkpoints: Checkpoints | None = None
     history: list[dict] = dataclasses.field(default_factory=list)  # one record per finished epoch
+    epoch_so_far: dict | None = None  # the unfinished epoch's train metrics, restored with a signal's checkpoint
     step: int = 0
     lead: bool = True  # process 0: writes config.json, metrics.jsonl and the plot, shows progress
 
@@ -171,6 +175,8 @@ def train_and_evaluate(job: Job) -> float:
         for epoch in range(job.step // job.steps_per_epoch, job.cfg["epochs"]):
             trained = train_epoch(job, epoch, stop)
             write_results(job, epoch, trained, evaluate(job))
+            if stop.signum is not None and epoch + 1 < job.cfg["epochs"]:  # saved with the results
+                exit_stopped(job, stop.signum)
         return finish(job)
 
 
@@ -178,7 +184,8 @@ def restore_or_start(job: Job, resume: bool) -> None:
     """On `resume` the latest checkpoint's state, history and step; else a new run directory with config.json."""
     job.checkpoints = Checkpoints(job.workdir)
     if resume:
-        job.state, job.history, step = job.checkpoints.restore(job.state)
+        job.state, meta, step = job.checkpoints.restore(job.state)
+        job.history, job.epoch_so_far = meta["history"], meta.get("epoch_so_far")
         spe = job.steps_per_epoch
         print(f"resumed from step {step} (epoch {step // spe + 1}, step {step % spe} of {spe})", flush=True)
     elif job.lead:
@@ -188,7 +195,8 @@ def restore_or_start(job: Job, resume: bool) -> None:
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM while active: the loop finishes its step, saves and exits."""
+    """Set by SIGINT/SIGTERM while active: the loop finishes its step (or its epoch, at the epoch's last step),
+    saves and exits."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -208,7 +216,8 @@ class StopFlag:
 
 
 class Trained(NamedTuple):
-    """One epoch's training: mean train loss and accuracy, wall seconds, images trained on."""
+    """One epoch's training: mean train loss and accuracy, seconds training, images trained on (a resumed
+    epoch's part before the interruption included)."""
 
     metrics: dict[str, float]
     seconds: float
@@ -218,11 +227,13 @@ class Trained(NamedTuple):
 def train_epoch(job: Job, epoch: int, stop: StopFlag) -> Trained:
     """Train steps from the job's step to the end of `epoch`. Each step's metrics are read after the next step
     is dispatched, so the device runs a step ahead of the host. A non-finite loss raises TrainingError without
-    saving; a signal saves a checkpoint and exits."""
+    saving; a signal before the epoch's last step saves a checkpoint, with the epoch's metrics so far, and exits."""
     batch_size = job.cfg["batch_size"]
     skip = job.step - epoch * job.steps_per_epoch
     batches = job.train_batches(epoch, skip)
-    losses, accuracies = [], []
+    so_far = job.epoch_so_far or {"losses": [], "accuracies": [], "seconds": 0.0}
+    job.epoch_so_far = None
+    losses, accuracies = list(so_far["losses"]), list(so_far["accuracies"])
     with progress.bar(job.steps_per_epoch * batch_size, initial=skip * batch_size,
                       desc=f"epoch {epoch + 1}/{job.cfg['epochs']}", disable=not job.lead) as shown:
         pending, t0 = None, time.time()
@@ -247,15 +258,17 @@ def train_epoch(job: Job, epoch: int, stop: StopFlag) -> Trained:
                 break
         if pending is not None:
             collect(*pending)
-    if stop.signum is not None:
-        save_and_exit(job, stop.signum)
+    seconds = so_far["seconds"] + time.time() - t0
+    if stop.signum is not None and job.step < (epoch + 1) * job.steps_per_epoch:
+        job.checkpoints.save(job.step, job.state, job.history,
+                             epoch_so_far={"losses": losses, "accuracies": accuracies, "seconds": seconds})
+        exit_stopped(job, stop.signum)
     return Trained({"train_loss": float(np.mean(losses)), "train_accuracy": float(np.mean(accuracies))},
-                   time.time() - t0, len(losses) * batch_size)
+                   seconds, len(losses) * batch_size)
 
 
-def save_and_exit(job: Job, signum: int) -> None:
-    """Save the state reached and exit with 128 + `signum`, saying how to continue."""
-    job.checkpoints.save(job.step, job.state, job.history)
+def exit_stopped(job: Job, signum: int) -> None:
+    """Exit with 128 + `signum` once the state reached is saved, saying how to continue."""
     print(f"stopped by signal {signum} at step {job.step}: saved checkpoint {job.step} in {job.workdir}; "
           f"continue with --resume --workdir {job.workdir}", file=sys.stderr, flush=True)
     sys.exit(128 + signum)

@@ -8,9 +8,10 @@ Two presets (flat configs below; every flag overrides its field):
   300, SGD lr 0.001 momentum 0.7, 50 epochs; `--init googlenet.pth` warm-starts from torchvision's weights.
 
 The job writes to `--workdir`: config.json, metrics.jsonl (one line per epoch), curves.png, and orbax
-checkpoints (every epoch and on SIGINT/SIGTERM). SIGINT/SIGTERM finish the current step, save a checkpoint
-and exit with status 128 + the signal number (130, 143); `--resume` continues from the latest checkpoint to
-the same final parameters an uninterrupted run reaches. Bad input: one line on stderr, exit status 2.
+checkpoints (every epoch and on SIGINT/SIGTERM). SIGINT/SIGTERM finish the current step (at an epoch's end,
+the epoch's results too), save a checkpoint and exit with status 128 + the signal number (130, 143); `--resume`
+continues from the latest checkpoint to the same final parameters and metrics an uninterrupted run reaches.
+Bad input: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations

@@ -55,6 +55,12 @@ def run_main(argv, capsys):
     return rc, out, err
 
 
+def metrics(workdir):
+    """metrics.jsonl's records without their timings, the fields a rerun reproduces exactly."""
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("epoch_seconds", "images_per_second")} for r in records]
+
+
 def final_params(workdir):
     manager = ocp.CheckpointManager(Path(workdir, "checkpoints").absolute())
     step = manager.latest_step()
@@ -113,7 +119,32 @@ def test_sigterm_then_resume_gives_the_uninterrupted_parameters_bit_for_bit(env,
     assert len(flat_resumed) == len(flat_reference)
     for a, b in zip(flat_resumed, flat_reference):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit for bit, not approximately
-    assert (workdir / "metrics.jsonl").read_text().splitlines() != []
+    # the interrupted epoch's train metrics count its steps from before the signal too (kept in the checkpoint)
+    assert [r["epoch"] for r in metrics(workdir)] == [1, 2, 3] and metrics(workdir) == metrics(reference_dir)
+
+
+def test_a_signal_at_an_epochs_last_step_writes_its_results_then_exits(env, uninterrupted, capsys, monkeypatch):
+    """SIGTERM while the first epoch's last batch trains: that epoch is evaluated, written and saved before the
+    exit (status 143), so the resumed run starts the second epoch and writes the uninterrupted run's history."""
+    reference_dir, _ = uninterrupted
+    workdir = env["root"] / "epoch_end"
+    train_batches = data.train_batches
+
+    def signal_after_the_first_epoch(source, *, epoch, **kwargs):
+        yield from train_batches(source, epoch=epoch, **kwargs)
+        if epoch == 0:  # the loop has dispatched the epoch's last step and asks for another batch
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(data, "train_batches", signal_after_the_first_epoch)
+    with pytest.raises(SystemExit, match="^143$"):
+        mnist.main(["--data", env["data"], "--workdir", str(workdir), *TINY])
+    out, err = capsys.readouterr()
+    assert "epoch 1: train_loss=" in out and "stopped by signal 15 at step 6: saved checkpoint 6" in err
+    monkeypatch.undo()
+
+    rc, out, _ = run_main(["--resume", "--workdir", str(workdir)], capsys)
+    assert rc == 0 and "resumed from step 6 (epoch 2, step 0 of 6)" in out
+    assert metrics(workdir) == metrics(reference_dir)
 
 
 def test_checkpoint_written_on_two_devices_resumes_on_one(env, capsys):
