@@ -25,7 +25,7 @@ import jax
 from experiments import loop
 from experiments.loop import TrainingError, UsageError
 from jax_googlenet import data, distributed, train
-from jax_googlenet.model import accepted_sides, googlenet, resolve_impl
+from jax_googlenet.model import RENAMED, accepted_sides, googlenet, resolve_impl
 
 # Flat configs. max_shift: random translation of the 28x28 digits by up to that many pixels (on the device);
 # warmup_epochs: linear warmup before the cosine decay; weight_decay: coupled L2, as torch's SGD.
@@ -48,6 +48,18 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def current_name(kind: str):
+    """An argparse type for a --preset or --variant value: a name renamed since (`jax_googlenet.model.RENAMED`)
+    is refused in one line that gives the new one."""
+
+    def check(text: str) -> str:
+        if text in RENAMED:
+            raise argparse.ArgumentTypeError(f"the {kind} {text!r} is now called {RENAMED[text]!r}")
+        return text
+
+    return check
+
+
 def parse_args(argv):
     p = Parser(prog="python -m experiments.mnist", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -57,11 +69,11 @@ def parse_args(argv):
                    "(5,000 real digits shipped in the package, 1,000 held out), or idx:DIR (the four IDX files "
                    "in DIR, .gz or not, e.g. torchvision's MNIST/raw)")
     p.add_argument("--data-dir", default=None, help="TFDS data directory (default: TFDS's, ~/tensorflow_datasets)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+    p.add_argument("--preset", type=current_name("preset"), choices=sorted(PRESETS), default=None,
                    help="recipe to start from (default: quick on a CPU, writeup on a GPU/TPU)")
-    p.add_argument("--variant", choices=("torchvision", "paper", "writeup"), default=None,
-                   help="network: torchvision (BatchNorm, torchvision's GoogLeNet), paper (arXiv:1409.4842), "
-                   "writeup (the write-up's)")
+    p.add_argument("--variant", type=current_name("variant"), choices=("torchvision", "paper", "writeup"),
+                   default=None, help="network: torchvision (BatchNorm, torchvision's GoogLeNet), paper "
+                   "(arXiv:1409.4842), writeup (the write-up's)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs")
     p.add_argument("--batch-size", type=int, default=None,
                    help="global batch size (split over devices and processes; must divide by the device count)")
@@ -102,6 +114,8 @@ def parse_args(argv):
 # Flags that are config fields (None: not given).
 CONFIG_FLAGS = ("variant", "epochs", "batch_size", "lr", "momentum", "image_size", "seed", "dtype", "data",
                 "data_dir")
+# Config fields whose values have been renamed (jax_googlenet.model.RENAMED); a run written before holds the old.
+RENAMED_FIELDS = ("preset", "variant", "loss_mode")
 
 
 def default_preset() -> str:
@@ -115,6 +129,7 @@ def make_config(args, stored: dict | None) -> dict:
     if args.preset is not None:
         given["preset"] = args.preset
     if stored is not None:
+        stored = current_names(stored, args.workdir)
         for key, value in given.items():
             if key not in ("data", "data_dir") and stored.get(key) != value:
                 flag = "--" + key.replace("_", "-")
@@ -125,6 +140,16 @@ def make_config(args, stored: dict | None) -> dict:
     print(f"preset: {preset} ({'--preset' if args.preset else 'the default on this JAX backend'})", flush=True)
     return {"preset": preset, **PRESETS[preset], "seed": 0, "dtype": "float32", "data": "auto", "data_dir": None,
             **given}
+
+
+def current_names(stored: dict, workdir: str) -> dict:
+    """A stored config in today's names: a run written before a rename holds the old ones; one line says so."""
+    old = {k: stored[k] for k in RENAMED_FIELDS if stored.get(k) in RENAMED}
+    if not old:
+        return stored
+    print(f"--resume: {workdir} was written under earlier names, read as today's: "
+          + ", ".join(f"{k} {v!r} -> {RENAMED[v]!r}" for k, v in old.items()), flush=True)
+    return {**stored, **{k: RENAMED[v] for k, v in old.items()}}
 
 
 def run(args) -> float:

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import mnist
+from experiments import loop, mnist
 from jax_googlenet import compilation_cache, data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,6 +182,8 @@ def test_checkpoint_written_on_two_devices_resumes_on_one(env, capsys):
     (["--init", "/nonexistent/googlenet.pth"], "--init /nonexistent/googlenet.pth: no such file"),
     (["--data", "idx:/nonexistent/mnist"], "--data idx:/nonexistent/mnist: no such directory"),
     (["--data", "mnist.npz"], "choose one of auto, tfds, sample, idx:DIR"),
+    (["--preset", "seed"], "error: argument --preset: the preset 'seed' is now called 'writeup'"),
+    (["--variant", "seed"], "error: argument --variant: the variant 'seed' is now called 'writeup'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(env, capsys, argv, message):
     workdir = env["root"] / "never"
@@ -189,6 +191,31 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(env, capsys, argv, mess
     rc, _, err = run_main(base + argv, capsys)
     assert rc == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1 and not workdir.exists()
+
+
+def test_resume_reads_a_run_written_before_the_rename_to_writeup(env, capsys):
+    """A run directory from before the write-up's preset, variant and loss mode were renamed from "seed" keeps
+    "seed" in its config.json: --resume reads it under the new names, says so in one line, and restores it."""
+    workdir = env["root"] / "before_rename"
+    cfg = {"preset": "writeup", **mnist.PRESETS["writeup"], "image_size": 189, "batch_size": 8, "epochs": 1,
+           "seed": 0, "dtype": "float32", "data": env["data"], "data_dir": None}  # 48 digits: 6 steps, 1 epoch
+    abstract = jax.eval_shape(lambda: mnist.create_state(cfg, jax.random.key(0), 6, init=None, lead=False))
+    state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract).replace(step=np.int32(6))
+    record = {"epoch": 1, "step": 6, "train_loss": 2.3, "train_accuracy": 0.1, "test_loss": 2.3,
+              "test_accuracy": 0.1, "test_count": 20, "epoch_seconds": 9.0, "images_per_second": 5.3}
+    checkpoints = loop.Checkpoints(workdir)  # the job's own layout: state and metrics history
+    checkpoints.save(6, state, [record])
+    checkpoints.close()
+    old = {**cfg, "preset": "seed", "variant": "seed", "loss_mode": "seed"}
+    (workdir / "config.json").write_text(json.dumps(old, indent=1))
+
+    rc, out, err = run_main(["--resume", "--workdir", str(workdir), "--variant", "writeup"], capsys)
+    assert rc == 0, err
+    assert [line for line in out.splitlines() if "earlier names" in line] == [
+        f"--resume: {workdir} was written under earlier names, read as today's: preset 'seed' -> 'writeup', "
+        f"variant 'seed' -> 'writeup', loss_mode 'seed' -> 'writeup'"]
+    assert "model: writeup variant" in out and "resumed from step 6" in out
+    assert out.strip().splitlines()[-1] == "test_accuracy=0.1000"
 
 
 def test_corrupted_idx_through_the_cli(env, capsys, tmp_path):
