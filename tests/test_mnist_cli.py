@@ -229,21 +229,28 @@ def test_corrupted_idx_through_the_cli(env, capsys, tmp_path):
     assert rc == 2 and "train-images-idx3-ubyte.gz: cannot read" in err and not (tmp_path / "w").exists()
 
 
+@pytest.fixture
+def started(env, tmp_path, capsys):
+    """A run directory as the job leaves it before its first checkpoint: config.json alone (what --resume and a
+    new run's check read), without the minutes of a real run."""
+    args = mnist.parse_args(["--data", env["data"], "--workdir", str(tmp_path), *TINY])
+    loop.write_atomic(tmp_path / "config.json", json.dumps(mnist.make_config(args, None), indent=1).encode())
+    capsys.readouterr()  # make_config's preset line
+    return tmp_path
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--variant", "writeup"], "was trained with --variant torchvision, not writeup"),
     (["--image-size", "24"], "was trained with --image-size 16, not 24"),
 ])
-def test_resume_with_another_variant_or_shape_is_refused(uninterrupted, capsys, argv, message):
-    workdir, _ = uninterrupted
-    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
-    rc, _, err = run_main(["--resume", "--workdir", str(workdir), *argv], capsys)
+def test_resume_with_another_variant_or_shape_is_refused(started, capsys, argv, message):
+    rc, _, err = run_main(["--resume", "--workdir", str(started), *argv], capsys)
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+    assert [p.name for p in started.iterdir()] == ["config.json"]  # refused before anything is written
 
 
-def test_a_used_workdir_needs_resume(env, uninterrupted, capsys):
-    workdir, _ = uninterrupted
-    rc, _, err = run_main(["--data", env["data"], "--workdir", str(workdir), *TINY], capsys)
+def test_a_used_workdir_needs_resume(env, started, capsys):
+    rc, _, err = run_main(["--data", env["data"], "--workdir", str(started), *TINY], capsys)
     assert rc == 2 and "already holds a run; add --resume" in err
 
 
