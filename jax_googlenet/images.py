@@ -353,12 +353,13 @@ def random_resized_crop(image, size: int, rng, scale: tuple[float, float] = SCAL
     return image.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
 
 
-def train_transform(record: dict[str, Any], rng: np.random.Generator, *, size: int) -> dict[str, np.ndarray]:
-    """RandomResizedCrop(size) and a horizontal flip with probability 1/2 -> uint8 size x size x 3."""
+def train_transform(record: dict[str, Any], rng: np.random.Generator, *, size: int,
+                    scale: tuple[float, float] = SCALE, hflip: float = 0.5) -> dict[str, np.ndarray]:
+    """RandomResizedCrop(size, scale) and a horizontal flip with probability `hflip` -> uint8 size x size x 3."""
     if record["image"] is None:
         return _unreadable(record, size)
-    image = np.asarray(random_resized_crop(record["image"], size, rng))
-    if rng.random() < 0.5:
+    image = np.asarray(random_resized_crop(record["image"], size, rng, scale))
+    if rng.random() < hflip:
         image = image[:, ::-1]
     return _row(np.ascontiguousarray(image), record)
 
