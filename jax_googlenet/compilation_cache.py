@@ -42,8 +42,10 @@ def gc_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off inside the block, back on after (if it was on).
 
     Tracing the train step allocates some 10^5 objects that all stay alive until it is lowered, and every
-    generation-2 collection on the way walks them all to free nothing: on the project's CPU that was 0.4 s of a
-    2.5 s warm start (trace 1.4 -> 1.0 s). Reference counting still frees everything outside a cycle.
+    generation-2 collection on the way walks them all to free nothing: on a 2-core CPU the 16/224 train step's
+    warm start (persistent cache) takes 2.1 s with the collector paused and 2.5 s with it on, the trace 1.0 s
+    against 1.4 s (benchmarks/NOTES.md, "Compile time"). Reference counting still frees everything outside a
+    cycle.
     """
     enabled = gc.isenabled()
     gc.disable()

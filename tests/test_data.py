@@ -1,8 +1,15 @@
 """MNIST sources and input pipelines (jax_googlenet.data): each source on files the tests write, the shipped
-sample's provenance, each corrupted-IDX error, and the batching that resume and evaluation rely on."""
+sample's provenance, each corrupted-IDX error, and the batching that resume and evaluation rely on. Whether
+TensorFlow is installed and whether the network answers are set by each test that depends on them, so the
+file passes the same with and without TensorFlow, online or not."""
 
 import gzip
+import http.server
+import importlib.abc
 import importlib.util
+import socket
+import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -133,18 +140,56 @@ def test_a_gzip_that_is_not_is_one_clear_error(tmp_path):
 # ----------------------------------------------------------------------------------------------- tfds, auto
 
 
-def test_tfds_reads_through_data_source_without_tensorflow(tmp_path):
-    # mock_data serves generated examples through the real tfds.data_source code path (no TensorFlow).
+class FindAllButTensorFlow(importlib.abc.MetaPathFinder):
+    """`finder` blind to TensorFlow: `importlib.util.find_spec("tensorflow")` gives None and `import tensorflow`
+    fails, as where it is not installed (TFDS and etils ask in both ways)."""
+
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tensorflow":
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def invalidate_caches(self):
+        if hasattr(self.finder, "invalidate_caches"):
+            self.finder.invalidate_caches()
+
+
+@pytest.fixture
+def without_tensorflow(monkeypatch):
+    """TensorFlow absent, installed or not: not imported (TFDS uses it when it is) and not to be found."""
+    for name in [m for m in sys.modules if m.split(".")[0] == "tensorflow"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [FindAllButTensorFlow(f) if hasattr(f, "find_spec") else f
+                                           for f in sys.meta_path])
+    assert not data.tensorflow_installed()
+
+
+def fake_download(monkeypatch, splits):
+    """`data.open_tfds` as if MNIST were not prepared and TFDS's download gave `splits`; returns the calls."""
+    calls = []
+
+    def open_tfds(data_dir, download=False):
+        calls.append(download)
+        return splits if download else None
+
+    monkeypatch.setattr(data, "open_tfds", open_tfds)
+    return calls
+
+
+def test_tfds_reads_through_data_source_without_tensorflow(tmp_path, without_tensorflow):
+    # mock_data serves generated examples through the real tfds.data_source code path, TensorFlow out of reach.
     with tfds.testing.mock_data(num_examples=9, policy=tfds.testing.MockPolicy.USE_CODE):
         ds = data.load("tfds", str(tmp_path))
         x, y = as_arrays(ds.train)
     assert x.shape == (9, 28, 28, 1) and x.dtype == np.uint8 and len(ds.test) == 9
     assert set(y) <= set(range(10))
-    with pytest.raises(ImportError):
-        import tensorflow  # noqa: F401  # the point of the test: it ran without TensorFlow
 
 
-def test_auto_takes_tfds_when_prepared(tmp_path, capsys):
+def test_auto_takes_tfds_when_prepared(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "network_answers", lambda: pytest.fail("a prepared MNIST needs no network"))
     with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
         ds = data.load("auto", str(tmp_path))
     assert ds.name.startswith("tfds") and "prepared" in capsys.readouterr().out
@@ -152,24 +197,72 @@ def test_auto_takes_tfds_when_prepared(tmp_path, capsys):
 
 def test_auto_falls_back_to_the_sample_offline_at_once(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(data, "tensorflow_installed", lambda: True)
-    monkeypatch.setattr(data, "PROBE_URL", "http://127.0.0.1:9/")  # nothing listens: refused at once
+    monkeypatch.setattr(data, "network_answers", lambda: False)
     ds = data.load("auto", str(tmp_path))
     out = capsys.readouterr().out
     assert ds.name.startswith("sample") and "does not answer within 2 s" in out
 
 
-def test_auto_takes_the_sample_when_tensorflow_could_not_prepare_mnist(tmp_path, capsys):
-    ds = data.load("auto", str(tmp_path))  # TensorFlow is not installed here, network or not
+@pytest.mark.parametrize("online", [True, False])
+def test_auto_takes_the_sample_when_tensorflow_could_not_prepare_mnist(tmp_path, capsys, monkeypatch,
+                                                                      without_tensorflow, online):
+    monkeypatch.setattr(data, "network_answers", lambda: online)
+    ds = data.load("auto", str(tmp_path))
     assert ds.name.startswith("sample") and "needs TensorFlow, which is not installed" in capsys.readouterr().out
 
 
+def test_auto_downloads_mnist_when_tensorflow_is_installed_and_the_network_answers(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "tensorflow_installed", lambda: True)
+    monkeypatch.setattr(data, "network_answers", lambda: True)
+    mnist = data.load_sample()
+    calls = fake_download(monkeypatch, [mnist.train, mnist.test])
+    ds = data.load("auto", str(tmp_path))
+    out = capsys.readouterr().out
+    assert "answers: downloading it" in out and "downloading and preparing MNIST" in out
+    assert calls == [False, True] and ds.name == "tfds mnist (4,000 train / 1,000 test)"
+
+
 def test_tfds_offline_and_unprepared_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "PROBE_URL", "http://127.0.0.1:9/")
+    monkeypatch.setattr(data, "network_answers", lambda: False)
     with pytest.raises(data.DataError, match="not prepared .* does not answer; use --data sample"):
         data.load("tfds", str(tmp_path))
     for spec in ("tfds", "auto"):
         with pytest.raises(data.DataError, match="--data-dir .*nope: no such directory"):
             data.load(spec, str(tmp_path / "nope"))
+
+
+def test_tfds_online_without_tensorflow_says_what_to_install(tmp_path, monkeypatch, without_tensorflow):
+    monkeypatch.setattr(data, "network_answers", lambda: True)
+    with pytest.raises(data.DataError, match="needs TensorFlow: pip install tensorflow-cpu"):
+        data.load("tfds", str(tmp_path))
+
+
+def test_tfds_online_with_tensorflow_downloads_and_prepares(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "tensorflow_installed", lambda: True)
+    monkeypatch.setattr(data, "network_answers", lambda: True)
+    mnist = data.load_sample()
+    calls = fake_download(monkeypatch, [mnist.train, mnist.test])
+    assert data.load("tfds", str(tmp_path)).name.startswith("tfds mnist")
+    assert calls == [False, True] and "downloading and preparing MNIST" in capsys.readouterr().out
+
+
+def test_network_answers_means_any_http_answer_and_nothing_listening_is_no_answer():
+    class Answers501(http.server.BaseHTTPRequestHandler):  # no do_HEAD: every request gets 501, an answer
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answers501)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert data.network_answers(f"http://127.0.0.1:{server.server_port}/", timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now: refused at once
+    assert not data.network_answers(f"http://127.0.0.1:{port}/", timeout=5)
 
 
 def test_unknown_source_names_the_choices():
@@ -230,9 +323,3 @@ def test_random_shift_moves_each_image_by_at_most_max_shift():
     rows, cols = np.nonzero(np.asarray(shifted)[..., 0].reshape(64, -1) == 255)
     ys, xs = np.divmod(cols, 28)
     assert len(rows) == 64 and np.abs(ys - 10).max() == 2 and np.abs(xs - 12).max() == 2
-
-
-def test_tfds_online_without_tensorflow_says_what_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "network_answers", lambda: True)
-    with pytest.raises(data.DataError, match="needs TensorFlow: pip install tensorflow-cpu"):
-        data.load("tfds", str(tmp_path))

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import mnist
+from experiments import loop, mnist
 from jax_googlenet import compilation_cache, data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +53,12 @@ def run_main(argv, capsys):
     rc = mnist.main(argv)
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def metrics(workdir):
+    """metrics.jsonl's records without their timings, the fields a rerun reproduces exactly."""
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("epoch_seconds", "images_per_second")} for r in records]
 
 
 def final_params(workdir):
@@ -99,6 +105,8 @@ def test_sigterm_then_resume_gives_the_uninterrupted_parameters_bit_for_bit(env,
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by signal 15" in err and "Traceback" not in err
+    # stderr is a pipe: progress comes as plain lines (6 steps of 8 images, each past a tenth), no redrawn bar
+    assert "epoch 1/3: 8/48 img (17%), loss " in err and "epoch 1/3: 48/48 img (100%)" in err and "\r" not in err
     killed_at, _ = final_params(workdir)
     assert 6 <= killed_at < 18
 
@@ -111,7 +119,32 @@ def test_sigterm_then_resume_gives_the_uninterrupted_parameters_bit_for_bit(env,
     assert len(flat_resumed) == len(flat_reference)
     for a, b in zip(flat_resumed, flat_reference):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit for bit, not approximately
-    assert (workdir / "metrics.jsonl").read_text().splitlines() != []
+    # the interrupted epoch's train metrics count its steps from before the signal too (kept in the checkpoint)
+    assert [r["epoch"] for r in metrics(workdir)] == [1, 2, 3] and metrics(workdir) == metrics(reference_dir)
+
+
+def test_a_signal_at_an_epochs_last_step_writes_its_results_then_exits(env, uninterrupted, capsys, monkeypatch):
+    """SIGTERM while the first epoch's last batch trains: that epoch is evaluated, written and saved before the
+    exit (status 143), so the resumed run starts the second epoch and writes the uninterrupted run's history."""
+    reference_dir, _ = uninterrupted
+    workdir = env["root"] / "epoch_end"
+    train_batches = data.train_batches
+
+    def signal_after_the_first_epoch(source, *, epoch, **kwargs):
+        yield from train_batches(source, epoch=epoch, **kwargs)
+        if epoch == 0:  # the loop has dispatched the epoch's last step and asks for another batch
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(data, "train_batches", signal_after_the_first_epoch)
+    with pytest.raises(SystemExit, match="^143$"):
+        mnist.main(["--data", env["data"], "--workdir", str(workdir), *TINY])
+    out, err = capsys.readouterr()
+    assert "epoch 1: train_loss=" in out and "stopped by signal 15 at step 6: saved checkpoint 6" in err
+    monkeypatch.undo()
+
+    rc, out, _ = run_main(["--resume", "--workdir", str(workdir)], capsys)
+    assert rc == 0 and "resumed from step 6 (epoch 2, step 0 of 6)" in out
+    assert metrics(workdir) == metrics(reference_dir)
 
 
 def test_checkpoint_written_on_two_devices_resumes_on_one(env, capsys):
@@ -149,6 +182,8 @@ def test_checkpoint_written_on_two_devices_resumes_on_one(env, capsys):
     (["--init", "/nonexistent/googlenet.pth"], "--init /nonexistent/googlenet.pth: no such file"),
     (["--data", "idx:/nonexistent/mnist"], "--data idx:/nonexistent/mnist: no such directory"),
     (["--data", "mnist.npz"], "choose one of auto, tfds, sample, idx:DIR"),
+    (["--preset", "seed"], "error: argument --preset: the preset 'seed' is now called 'writeup'"),
+    (["--variant", "seed"], "error: argument --variant: the variant 'seed' is now called 'writeup'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(env, capsys, argv, message):
     workdir = env["root"] / "never"
@@ -156,6 +191,31 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(env, capsys, argv, mess
     rc, _, err = run_main(base + argv, capsys)
     assert rc == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1 and not workdir.exists()
+
+
+def test_resume_reads_a_run_written_before_the_rename_to_writeup(env, capsys):
+    """A run directory from before the write-up's preset, variant and loss mode were renamed from "seed" keeps
+    "seed" in its config.json: --resume reads it under the new names, says so in one line, and restores it."""
+    workdir = env["root"] / "before_rename"
+    cfg = {"preset": "writeup", **mnist.PRESETS["writeup"], "image_size": 189, "batch_size": 8, "epochs": 1,
+           "seed": 0, "dtype": "float32", "data": env["data"], "data_dir": None}  # 48 digits: 6 steps, 1 epoch
+    abstract = jax.eval_shape(lambda: mnist.create_state(cfg, jax.random.key(0), 6, init=None, lead=False))
+    state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract).replace(step=np.int32(6))
+    record = {"epoch": 1, "step": 6, "train_loss": 2.3, "train_accuracy": 0.1, "test_loss": 2.3,
+              "test_accuracy": 0.1, "test_count": 20, "epoch_seconds": 9.0, "images_per_second": 5.3}
+    checkpoints = loop.Checkpoints(workdir)  # the job's own layout: state and metrics history
+    checkpoints.save(6, state, [record])
+    checkpoints.close()
+    old = {**cfg, "preset": "seed", "variant": "seed", "loss_mode": "seed"}
+    (workdir / "config.json").write_text(json.dumps(old, indent=1))
+
+    rc, out, err = run_main(["--resume", "--workdir", str(workdir), "--variant", "writeup"], capsys)
+    assert rc == 0, err
+    assert [line for line in out.splitlines() if "earlier names" in line] == [
+        f"--resume: {workdir} was written under earlier names, read as today's: preset 'seed' -> 'writeup', "
+        f"variant 'seed' -> 'writeup', loss_mode 'seed' -> 'writeup'"]
+    assert "model: writeup variant" in out and "resumed from step 6" in out
+    assert out.strip().splitlines()[-1] == "test_accuracy=0.1000"
 
 
 def test_corrupted_idx_through_the_cli(env, capsys, tmp_path):
@@ -192,7 +252,7 @@ def test_nan_loss_stops_with_one_line_and_saves_nothing_bad(env, capsys):
     argv = ["--data", env["data"], "--workdir", str(workdir), *TINY[:-4], "--epochs", "1", "--lr", "1e30"]
     rc, _, err = run_main(argv, capsys)
     assert rc == 1 and "the loss became" in err and "Last good checkpoint: none" in err
-    # stderr also carries the progress bar (carriage-return updates); the error is one line after it
+    # stderr also carries the progress lines; the error is the one line after them
     assert err.rstrip().splitlines()[-1].startswith("error: the loss became") and "Traceback" not in err
     assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
 
@@ -207,10 +267,9 @@ def test_batch_size_must_divide_over_the_devices():
 
 
 def test_help_explains_every_flag(capsys):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit, match="^0$"):  # the exit status
         mnist.main(["--help"])
     out = capsys.readouterr().out
-    assert e.value.code == 0
     for flag in ("--data", "--data-dir", "--variant", "--preset", "--epochs", "--batch-size", "--lr",
                  "--momentum", "--image-size", "--workdir", "--resume", "--init", "--seed", "--devices", "--dtype",
                  "--no-compile-cache"):
