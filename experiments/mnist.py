@@ -130,13 +130,8 @@ def make_config(args, stored: dict | None) -> dict:
     if args.preset is not None:
         given["preset"] = args.preset
     if stored is not None:
-        stored = current_names(stored, args.workdir)
-        for key, value in given.items():
-            if key not in ("data", "data_dir") and stored.get(key) != value:
-                flag = "--" + key.replace("_", "-")
-                raise UsageError(f"--resume: the checkpoint in {args.workdir} was trained with {flag} "
-                                 f"{stored.get(key)}, not {value}")
-        return {**stored, **{k: v for k, v in given.items() if k in ("data", "data_dir")}}
+        return loop.resume_config(current_names(stored, args.workdir), given, args.workdir,
+                                  free=("data", "data_dir"))
     preset = given.get("preset") or default_preset()
     print(f"preset: {preset} ({'--preset' if args.preset else 'the default on this JAX backend'})", flush=True)
     return {"preset": preset, **PRESETS[preset], "seed": 0, "dtype": "float32", "data": "auto", "data_dir": None,
@@ -156,6 +151,7 @@ def current_names(stored: dict, workdir: str) -> dict:
 def run(args) -> float:
     """Train and evaluate; returns the final test accuracy."""
     return loop.train_and_evaluate(set_up(args))
+
 
 def set_up(args) -> loop.Job:
     """Set up or restore: the config, mesh, data, state and steps of the run in --workdir, its state restored from
@@ -203,7 +199,7 @@ def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead
                               warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch))
     size = cfg["image_size"]
     state = train.create_train_state(rng, model, (1, size, size, cfg["in_channels"]), tx)
-    return warm_start(init, model, state) if init else state
+    return loop.warm_start(init, model, state) if init else state
 
 
 def make_steps(cfg: dict, dropout_rng, shift_rng, mesh):
@@ -229,17 +225,6 @@ def check_image_size(cfg: dict) -> None:
         band = f"{lo} to {hi}" if hi else f"at least {lo}"
         raise UsageError(f"--image-size {cfg['image_size']}: the {cfg['variant']} variant with aux heads "
                          f"accepts {band}")
-
-
-def warm_start(path: str, model, state):
-    """Load torchvision weights through the converter (`convert.load_pretrained`)."""
-    try:
-        from convert import load_pretrained
-    except ImportError as e:
-        raise UsageError(f"--init needs convert.load_pretrained and torch ({e})") from None
-    variables = load_pretrained(path, model, {"params": state.params, "batch_stats": state.batch_stats})
-    print(f"initialised from {path}", flush=True)
-    return state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}))
 
 
 def main(argv=None) -> int:
