@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import io
 import itertools
 import json
 import os
@@ -37,10 +36,11 @@ import jax
 import numpy as np
 
 from experiments import loop, progress
-from experiments.loop import TrainingError, UsageError
+from experiments.loop import UsageError
 from jax_googlenet import distributed, imagenet, images, pipeline, train
 from jax_googlenet.checkpoint import save_model
-from jax_googlenet.model import accepted_sides, googlenet, resolve_impl
+from jax_googlenet.model import accepted_sides, googlenet
+from jax_googlenet.ops import resolve_impl
 
 # The flat config: torchvision's reference recipe (references/classification/train.py) at a fine-tuning
 # learning rate for batch 32; warmup_epochs: linear warmup before the cosine decay; weight_decay: coupled L2.
@@ -48,8 +48,7 @@ DEFAULTS = dict(
     variant="torchvision", aux_logits=True, loss_mode="paper", image_size=224, resize_size=None, batch_size=32,
     epochs=10, lr=0.01, momentum=0.9, nesterov=False, schedule="cosine", warmup_epochs=1.0, weight_decay=1e-4,
     label_smoothing=0.0, backbone_lr_scale=1.0, freeze_backbone=False, crop_scale=0.08, hflip=0.5, init=None,
-    seed=0, dtype="float32",
-    data=None, data_dir=None, val_fraction=None, val_split=None, bad_images="skip")
+    seed=0, dtype="float32", data=None, data_dir=None, val_fraction=None, val_split=None, bad_images="skip")
 # Flags that are config fields (None: not given); FREE ones may change on --resume.
 CONFIG_FLAGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing",
                 "backbone_lr_scale", "image_size", "resize_size", "crop_scale", "hflip", "init", "seed", "dtype",
@@ -57,13 +56,8 @@ CONFIG_FLAGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmu
 FREE = ("data", "data_dir", "bad_images")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise UsageError(message)
-
-
 def parse_args(argv):
-    p = Parser(prog="python -m experiments.finetune", description=__doc__.split("\n\n")[0],
+    p = loop.Parser(prog="python -m experiments.finetune", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--data", default=None, metavar="SPEC",
                    help="folder:DIR (one subfolder per class; DIR/train and DIR/val, or DIR with --val-fraction) "
@@ -110,27 +104,11 @@ def parse_args(argv):
     p.add_argument("--evaluate", default=None, metavar="WEIGHTS",
                    help="only evaluate WEIGHTS (a .pth or a checkpoint directory) on --data's held-out images "
                    "and print top-1 / top-5")
-    p.add_argument("--workdir", default=None, help="output directory (default: runs/finetune-<time>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --workdir from its latest checkpoint (flags default to its config)")
     p.add_argument("--seed", type=int, default=None, help="seed of initialisation, held-out split, data order, "
                    "augmentation and dropout (default 0)")
-    p.add_argument("--devices", type=int, default=None,
-                   help="data-parallel over the first N devices (default: all); the mesh is printed at start")
-    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="multi-host run without SLURM/Open MPI: process 0's address, with --num-processes and "
-                   "--process-id")
-    p.add_argument("--num-processes", type=int, default=None, help="processes in a multi-host run")
-    p.add_argument("--process-id", type=int, default=None, help="this process's index in a multi-host run")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="computation dtype; parameters and optimizer state stay float32")
-    p.add_argument("--no-compile-cache", action="store_true",
-                   help="do not use the persistent XLA compilation cache (~/.cache/jax_googlenet/xla)")
+    loop.add_run_flags(p, "finetune")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "image_size", "resize_size", "devices"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    loop.check_run_flags(args, positive=("epochs", "batch_size", "image_size", "resize_size"))
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be at least 0, got {args.workers}")
     if args.label_smoothing is not None and not 0 <= args.label_smoothing < 1:
@@ -144,8 +122,6 @@ def parse_args(argv):
     for flag, path in (("--init", args.init), ("--evaluate", args.evaluate)):
         if path is not None and not Path(path).exists():
             raise UsageError(f"{flag} {path}: no such file or directory")
-    if args.resume and args.workdir is None:
-        raise UsageError("--resume needs the --workdir of the run to continue")
     if args.data is None and not args.resume:
         raise UsageError("--data is required: folder:DIR or tfds:NAME")
     if args.evaluate and args.resume:
@@ -173,8 +149,8 @@ def workers(args) -> int:
     if args.workers is not None:
         return args.workers
     chosen = max(1, (os.cpu_count() or 2) // 2)
-    print(f"data workers: {chosen} grain processes (half the {os.cpu_count()} CPU cores; --workers chooses)",
-          flush=True)
+    print(f"data workers: {chosen} grain worker process{'es' if chosen > 1 else ''} (half the {os.cpu_count()} "
+          f"CPU cores; --workers chooses)", flush=True)
     return chosen
 
 
@@ -260,7 +236,7 @@ def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead
         from convert import read_pretrained
 
         # torchvision builds its pretrained GoogLeNet with transform_input=True: those weights expect it.
-        source, _ = _pretrained(init, read_pretrained, init)
+        source, _ = _read_init(init, read_pretrained, init)
         transform_input, origin = (True if source is None else source.transform_input), f"from {init}"
     else:
         transform_input, origin = False, "from scratch"
@@ -270,8 +246,8 @@ def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead
         mode = ("linear probe (fc alone; the backbone frozen, in inference mode)" if cfg["freeze_backbone"] else
                 f"fine-tuning (backbone learning rate x{cfg['backbone_lr_scale']:g})")
         print(f"model: torchvision GoogLeNet, {len(cfg['classes'])} classes, {cfg['dtype']}, transform_input="
-              f"{transform_input}, {origin}; {mode}; convolutions "
-              f"and pools: {resolve_impl(model.impl)} (chosen for the {jax.default_backend()} backend)", flush=True)
+              f"{transform_input}, {origin}; {mode}; convolutions and pools: {resolve_impl(model.impl)} (chosen "
+              f"for the {jax.default_backend()} backend)", flush=True)
     tx = train.make_optimizer(cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
                               weight_decay=cfg["weight_decay"], schedule=cfg["schedule"],
                               total_steps=steps_per_epoch * cfg["epochs"],
@@ -281,11 +257,11 @@ def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead
     state = train.create_train_state(rng, model, (1, size, size, 3), tx)
     if init is not None:
         # The heads start fresh for the dataset's classes, whatever their number.
-        state = _pretrained(init, functools.partial(loop.warm_start, fresh=train.HEADS), init, model, state)
+        state = _read_init(init, functools.partial(loop.warm_start, fresh=train.HEADS), init, model, state)
     return state, transform_input
 
 
-def _pretrained(init: str, fn, *args):
+def _read_init(init: str, fn, *args):
     """`fn(*args)` reading --init's weights, their errors (not a state dict, another architecture, nothing to
     transfer) as usage errors."""
     try:
@@ -390,11 +366,7 @@ def plot_confusion(confusion, classes: list[str], path: Path, *, title: str) -> 
     if len(classes) <= 30:
         ax.set_xticks(range(len(classes)), classes, rotation=90)
         ax.set_yticks(range(len(classes)), classes)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    loop.write_atomic(path, buffer.getvalue())
+    loop.write_png(fig, path)
 
 
 def save_final_model(job: loop.Job) -> None:
@@ -437,7 +409,7 @@ def evaluate_only(args) -> dict:
     state = train.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=train.make_optimizer(0.0),
                                     batch_stats=variables.get("batch_stats", {}))
     eval_fn = functools.partial(train.eval_step, preprocess=imagenet.normalize, num_classes=model.num_classes)
-    _, eval_step = loop.jit_steps(lambda s, b: (s, {}), eval_fn, mesh)
+    eval_step = loop.jit_eval_step(eval_fn, mesh)
     _, eval_batches = make_batches(cfg, dataset, 0, workers(args))
     print(f"transform: Resize({cfg['resize_size']}) + CenterCrop({cfg['image_size']}) (torchvision's, on the "
           f"host)", flush=True)
@@ -460,22 +432,16 @@ def counted(batches, shown):
 
 
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-        if args.evaluate:
-            m = evaluate_only(args)
-            print(f"top1={m['test_accuracy']:.4f} top5={m['test_top5_accuracy']:.4f} ({m['test_count']:,} images)",
-                  flush=True)
-            return 0
-        accuracy = run(args)
-    except (UsageError, images.DataError) as e:  # DataError: an unreadable image with --bad-images stop
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    print(f"test_accuracy={accuracy:.4f}", flush=True)
-    return 0
+    # images.DataError: an unreadable image with --bad-images stop
+    return loop.run_cli(lambda: work(parse_args(argv)), bad_input=(images.DataError,))
+
+
+def work(args) -> str:
+    """The run or the evaluation; its result line."""
+    if args.evaluate:
+        m = evaluate_only(args)
+        return f"top1={m['test_accuracy']:.4f} top5={m['test_top5_accuracy']:.4f} ({m['test_count']:,} images)"
+    return f"test_accuracy={run(args):.4f}"
 
 
 if __name__ == "__main__":

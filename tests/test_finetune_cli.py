@@ -9,11 +9,10 @@ import io
 import json
 import os
 import signal
-from pathlib import Path
 
 import jax
+import job_runs
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 import torch
@@ -22,7 +21,6 @@ from PIL import Image
 
 from convert import torchvision_to_flax
 from experiments import finetune
-from jax_googlenet import compilation_cache
 
 # 32 px crops (37 px resize), batch 12: 60 training images give 5 steps an epoch. Every training run here uses
 # these flags, so its train and eval steps are one compile (lr, epochs and batch are constants of the step).
@@ -46,35 +44,18 @@ def write_images(root, per_class, seed):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """The image folder (train/ 20 per class plus one truncated file, val/ 8 per class) and a compilation cache
-    shared by every run here."""
+def env(tmp_path_factory, compile_cache):
+    """The image folder (train/ 20 per class plus one truncated file, val/ 8 per class); every run here shares
+    one compilation cache."""
     root = tmp_path_factory.mktemp("finetune_cli")
     write_images(root / "data" / "train", 20, seed=0)
     write_images(root / "data" / "val", 8, seed=1)
     (root / "data" / "train" / "mid" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    old = os.environ.get("JAX_GOOGLENET_CACHE_DIR")
-    os.environ["JAX_GOOGLENET_CACHE_DIR"] = str(root / "xla")
-    yield {"root": root, "data": f"folder:{root / 'data'}"}
-    compilation_cache.disable()  # main() turned it on for this process
-    if old is None:
-        del os.environ["JAX_GOOGLENET_CACHE_DIR"]
-    else:
-        os.environ["JAX_GOOGLENET_CACHE_DIR"] = old
+    return {"root": root, "data": f"folder:{root / 'data'}"}
 
 
 def run_main(argv, capsys):
-    rc = finetune.main(argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def final_state(workdir):
-    manager = ocp.CheckpointManager(Path(workdir, "checkpoints").absolute())
-    step = manager.latest_step()
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    manager.close()
-    return step, restored.state
+    return job_runs.run_main(finetune.main, argv, capsys)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +123,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_parameters_bit_for_bit(env,
 
     rc, out, _ = run_main(["--resume", "--workdir", str(workdir), "--workers", "0"], capsys)
     assert rc == 0 and "resumed from step 12 (epoch 3, step 2 of 5)" in out
-    (step, resumed), (ref_step, reference) = final_state(workdir), final_state(reference_dir)
+    (step, resumed), (ref_step, reference) = job_runs.latest_checkpoint(workdir), job_runs.latest_checkpoint(reference_dir)
     assert step == ref_step == 40
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -157,7 +138,7 @@ def test_linear_probe_from_a_pth_of_another_class_count_trains_fc_alone(env, pth
     assert "transform_input=True" in out and "linear probe" in out
     assert "kept fresh: params/fc/kernel (fresh as requested)" in out and "kept fresh: params/aux1/fc2/kernel" in out
     assert "copied 299 of 305 tensors" in out  # all but the three heads' kernels and biases
-    _, state = final_state(workdir)
+    _, state = job_runs.latest_checkpoint(workdir)
     pretrained = torchvision_to_flax(torchvision_state_dict)
     for collection in ("params", "batch_stats"):
         trained, source = state[collection], pretrained[collection]
