@@ -257,14 +257,17 @@ def load_tfds(name: str, *, data_dir: str | None = None, val_fraction: float | N
                             f"network is: tfds build {name} --file_format=array_record (needs TensorFlow)") from None
         return TfdsSource(name, split, source, image_key, label_key)
 
-    if val_split is None and val_fraction is None:
+    if val_split is None and (val_fraction is None or evaluate_only):
         candidates = [s for s in ("validation", "test") if not known or s in known]
         val_split = candidates[0] if candidates else None
         if val_split is not None:
             print(f"data: tfds:{name}: evaluating on its {val_split!r} split (--val-split chooses another)",
                   flush=True)
     if evaluate_only:
-        val = open_split(val_split or "train")
+        if val_split is None:
+            raise DataError(f"tfds:{name} has no validation or test split (its splits: {', '.join(known)}); "
+                            f"name the one to evaluate with --val-split")
+        val = open_split(val_split)
         return ImageDataset(f"tfds {name} {val.split} ({len(val):,} images, {len(classes)} classes)", classes,
                             None, val)
     _check_classes(classes, f"tfds:{name}")
