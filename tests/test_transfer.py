@@ -1,6 +1,6 @@
 """The training library for transfer learning: the linear probe leaves the backbone bit for bit, the backbone's
 learning rate scale, label smoothing as torch's and masked rows. One tiny RGB model (torchvision variant,
-3 classes, 16 px, no aux heads) is built once for the module. The evaluation's top-5 and confusion matrix are
+3 classes, 16 px, no aux heads), its variables drawn in numpy, serves the module. The evaluation's top-5 and confusion matrix are
 checked against torchvision in tests/test_finetune_cli.py."""
 
 import jax
@@ -17,11 +17,27 @@ from jax_googlenet.model import googlenet
 SIZE, CLASSES = 16, 3
 
 
+def random_variables(model, seed=0):
+    """Variables of `model` drawn in numpy from their abstract shapes (no `init` to compile): kernels with
+    variance 1/fan-in, BatchNorm scales and variances 1, biases and means 0."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            return rng.normal(0, 1 / np.sqrt(np.prod(leaf.shape[:-1])), leaf.shape).astype(leaf.dtype)
+        return (np.ones if name in ("scale", "var") else np.zeros)(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract_variables(model))
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model = googlenet("torchvision", num_classes=CLASSES, aux_logits=False)
     tx = train.make_optimizer(0.1, weight_decay=1e-3, freeze_backbone=True)
-    state = train.create_train_state(jax.random.key(0), model, (1, SIZE, SIZE, 3), tx)
+    variables = random_variables(model)
+    state = train.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                                    batch_stats=variables["batch_stats"])
     rng = np.random.default_rng(0)
     labels = np.arange(8) % CLASSES
     images = np.clip(rng.normal(60 + 60 * labels[:, None, None, None], 20, (8, SIZE, SIZE, 3)), 0, 255)
