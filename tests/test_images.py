@@ -2,7 +2,6 @@
 ImageFolder, transforms and RandomResizedCrop.get_params; the grain pipelines over them (jax_googlenet.pipeline)."""
 
 import math
-import os
 from unittest import mock
 
 import numpy as np
