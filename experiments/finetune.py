@@ -17,8 +17,8 @@ top-1 / top-5, e.g. torchvision's ImageNet weights on an ImageNet validation fol
 The job writes to `--workdir`: config.json, metrics.jsonl (one line per epoch: train loss and accuracy, test
 loss, top-1 and top-5), curves.png, evaluation.json (per-class accuracy and the confusion matrix of the latest
 evaluation), confusion.png, orbax checkpoints (every epoch and on SIGINT/SIGTERM; `--resume` continues from
-the latest), and at the end model/ (the trained network, for --evaluate, --init and experiments.predict). Bad
-input: one line on stderr, exit status 2, before anything is written.
+the latest), and at the end model/ (the trained network, for --evaluate and --init; jax_googlenet.checkpoint.
+load_model reads it). Bad input: one line on stderr, exit status 2, before anything is written.
 """
 
 from __future__ import annotations
@@ -370,7 +370,7 @@ def plot_confusion(confusion, classes: list[str], path: Path, *, title: str) -> 
 
 
 def save_final_model(job: loop.Job) -> None:
-    """model/: the trained network as `python -m convert` writes one, for --evaluate, --init and predict."""
+    """model/: the trained network as `python -m convert` writes one, for --evaluate and --init."""
     path = job.workdir / "model"
     if path.exists():  # a run resumed after it had finished
         print(f"{path} exists already; left as it is", flush=True)
