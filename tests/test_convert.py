@@ -148,6 +148,7 @@ def test_files_that_are_not_state_dicts_are_refused(tmp_path):
 # ----------------------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_writes_a_checkpoint_that_loads_back_and_checks_against_torch(pth_file, tmp_path, capsys, variables):
     out = tmp_path / "ckpt"
     assert convert_main(["--weights", str(pth_file), "--out", str(out), "--check"]) == 0

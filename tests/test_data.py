@@ -167,13 +167,17 @@ def without_tensorflow(monkeypatch):
     assert not data.tensorflow_installed()
 
 
-def fake_download(monkeypatch, splits):
-    """`data.open_tfds` as if MNIST were not prepared and TFDS's download gave `splits`; returns the calls."""
-    calls = []
+@pytest.fixture
+def online_with_tensorflow(monkeypatch):
+    """TensorFlow installed, the network answering, MNIST not prepared, and TFDS's download and preparation
+    stood in for by the shipped sample: `data.open_tfds`'s `download` arguments, call by call."""
+    monkeypatch.setattr(data, "tensorflow_installed", lambda: True)
+    monkeypatch.setattr(data, "network_answers", lambda: True)
+    sample, calls = data.load_sample(), []
 
     def open_tfds(data_dir, download=False):
         calls.append(download)
-        return splits if download else None
+        return [sample.train, sample.test] if download else None
 
     monkeypatch.setattr(data, "open_tfds", open_tfds)
     return calls
@@ -211,15 +215,12 @@ def test_auto_takes_the_sample_when_tensorflow_could_not_prepare_mnist(tmp_path,
     assert ds.name.startswith("sample") and "needs TensorFlow, which is not installed" in capsys.readouterr().out
 
 
-def test_auto_downloads_mnist_when_tensorflow_is_installed_and_the_network_answers(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(data, "tensorflow_installed", lambda: True)
-    monkeypatch.setattr(data, "network_answers", lambda: True)
-    mnist = data.load_sample()
-    calls = fake_download(monkeypatch, [mnist.train, mnist.test])
+def test_auto_downloads_mnist_when_tensorflow_is_installed_and_the_network_answers(tmp_path, capsys,
+                                                                                    online_with_tensorflow):
     ds = data.load("auto", str(tmp_path))
     out = capsys.readouterr().out
     assert "answers: downloading it" in out and "downloading and preparing MNIST" in out
-    assert calls == [False, True] and ds.name == "tfds mnist (4,000 train / 1,000 test)"
+    assert online_with_tensorflow == [False, True] and ds.name == "tfds mnist (4,000 train / 1,000 test)"
 
 
 def test_tfds_offline_and_unprepared_is_one_clear_error(tmp_path, monkeypatch):
@@ -237,13 +238,9 @@ def test_tfds_online_without_tensorflow_says_what_to_install(tmp_path, monkeypat
         data.load("tfds", str(tmp_path))
 
 
-def test_tfds_online_with_tensorflow_downloads_and_prepares(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(data, "tensorflow_installed", lambda: True)
-    monkeypatch.setattr(data, "network_answers", lambda: True)
-    mnist = data.load_sample()
-    calls = fake_download(monkeypatch, [mnist.train, mnist.test])
+def test_tfds_online_with_tensorflow_downloads_and_prepares(tmp_path, capsys, online_with_tensorflow):
     assert data.load("tfds", str(tmp_path)).name.startswith("tfds mnist")
-    assert calls == [False, True] and "downloading and preparing MNIST" in capsys.readouterr().out
+    assert online_with_tensorflow == [False, True] and "downloading and preparing MNIST" in capsys.readouterr().out
 
 
 def test_network_answers_means_any_http_answer_and_nothing_listening_is_no_answer():

@@ -69,16 +69,19 @@ def results(tmp_path_factory):
     return np.load(out / "mesh.npz"), np.load(out / "procs.npz")
 
 
+@pytest.mark.slow
 def test_two_devices_compute_what_one_device_computes(results):
     mesh, _ = results
     assert_same_step(mesh, "2/", mesh, "1/")
 
 
+@pytest.mark.slow
 def test_two_processes_compute_what_one_process_computes(results):
     mesh, procs = results
     assert_same_step(procs, "None/", mesh, "1/")
 
 
+@pytest.mark.slow
 def test_a_data_parallel_step_gathers_nothing_onto_one_device(results):
     """Across devices only sums travel (all-reduce of gradients and batch statistics): no activation or batch
     is all-gathered, which a scan over the sharded batch axis (conv1's CPU weight gradient) would do."""

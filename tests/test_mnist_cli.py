@@ -61,6 +61,7 @@ def uninterrupted(env):
     return workdir, out.getvalue()
 
 
+@pytest.mark.slow
 def test_cli_writes_metrics_plot_checkpoints_and_reports_accuracy_last(uninterrupted):
     workdir, out = uninterrupted
     assert "preset: quick" in out and "mesh data=1" in out and "dataset: idx" in out
@@ -75,6 +76,7 @@ def test_cli_writes_metrics_plot_checkpoints_and_reports_accuracy_last(uninterru
     assert steps == [6, 12, 18]  # one per epoch (the last MAX_TO_KEEP = 3 kept)
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_gives_the_uninterrupted_parameters_bit_for_bit(env, uninterrupted, capsys):
     reference_dir, _ = uninterrupted
     workdir = env["root"] / "killed"
@@ -105,6 +107,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_parameters_bit_for_bit(env,
     assert [r["epoch"] for r in metrics(workdir)] == [1, 2, 3] and metrics(workdir) == metrics(reference_dir)
 
 
+@pytest.mark.slow
 def test_a_signal_at_an_epochs_last_step_writes_its_results_then_exits(env, uninterrupted, capsys, monkeypatch):
     """SIGTERM while the first epoch's last batch trains: that epoch is evaluated, written and saved before the
     exit (status 143), so the resumed run starts the second epoch and writes the uninterrupted run's history."""
@@ -129,6 +132,7 @@ def test_a_signal_at_an_epochs_last_step_writes_its_results_then_exits(env, unin
     assert metrics(workdir) == metrics(reference_dir)
 
 
+@pytest.mark.slow
 def test_checkpoint_written_on_two_devices_resumes_on_one(env, capsys):
     """Killed after its first epoch on 2 simulated devices, the run continues on this process's one device."""
     workdir = env["root"] / "two_devices"
@@ -175,6 +179,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(env, capsys, argv, mess
     assert len(err.strip().splitlines()) == 1 and not workdir.exists()
 
 
+@pytest.mark.slow
 def test_resume_reads_a_run_written_before_the_rename_to_writeup(env, capsys):
     """A run directory from before the write-up's preset, variant and loss mode were renamed from "seed" keeps
     "seed" in its config.json: --resume reads it under the new names, says so in one line, and restores it."""
@@ -211,24 +216,32 @@ def test_corrupted_idx_through_the_cli(env, capsys, tmp_path):
     assert rc == 2 and "train-images-idx3-ubyte.gz: cannot read" in err and not (tmp_path / "w").exists()
 
 
+@pytest.fixture
+def started(env, tmp_path, capsys):
+    """A run directory as the job leaves it before its first checkpoint: config.json alone (what --resume and a
+    new run's check read), without the minutes of a real run."""
+    args = mnist.parse_args(["--data", env["data"], "--workdir", str(tmp_path), *TINY])
+    loop.write_atomic(tmp_path / "config.json", json.dumps(mnist.make_config(args, None), indent=1).encode())
+    capsys.readouterr()  # make_config's preset line
+    return tmp_path
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--variant", "writeup"], "was trained with --variant torchvision, not writeup"),
     (["--image-size", "24"], "was trained with --image-size 16, not 24"),
 ])
-def test_resume_with_another_variant_or_shape_is_refused(uninterrupted, capsys, argv, message):
-    workdir, _ = uninterrupted
-    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
-    rc, _, err = run_main(["--resume", "--workdir", str(workdir), *argv], capsys)
+def test_resume_with_another_variant_or_shape_is_refused(started, capsys, argv, message):
+    rc, _, err = run_main(["--resume", "--workdir", str(started), *argv], capsys)
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+    assert [p.name for p in started.iterdir()] == ["config.json"]  # refused before anything is written
 
 
-def test_a_used_workdir_needs_resume(env, uninterrupted, capsys):
-    workdir, _ = uninterrupted
-    rc, _, err = run_main(["--data", env["data"], "--workdir", str(workdir), *TINY], capsys)
+def test_a_used_workdir_needs_resume(env, started, capsys):
+    rc, _, err = run_main(["--data", env["data"], "--workdir", str(started), *TINY], capsys)
     assert rc == 2 and "already holds a run; add --resume" in err
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_one_line_and_saves_nothing_bad(env, capsys):
     workdir = env["root"] / "nan"
     argv = ["--data", env["data"], "--workdir", str(workdir), *TINY[:-4], "--epochs", "1", "--lr", "1e30"]

@@ -24,6 +24,7 @@ def tiny():
     return state, batch, data.make_preprocess(SIZE)
 
 
+@pytest.mark.slow
 def test_train_steps_lower_the_loss_on_a_fixed_batch(tiny):
     state, batch, preprocess = tiny
     step = train.jit_train_step(preprocess=preprocess)
@@ -50,6 +51,7 @@ def test_writeup_loss_is_ce_of_summed_logits_and_paper_loss_sums_ces():
     assert float(train.classification_loss(no_aux, labels, "writeup")) == pytest.approx(ce(main), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_eval_with_a_partial_last_batch_counts_every_image_once(tiny):
     state, _, preprocess = tiny
     sample = data.load_sample()

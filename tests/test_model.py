@@ -145,6 +145,7 @@ def test_no_aux_heads_when_disabled():
     assert out.aux1 is None and out.aux2 is None and out.logits.shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_bfloat16_computes_in_bfloat16_with_float32_parameters(small, eval_apply):
     _, variables, x = small
     model = googlenet(num_classes=10, in_channels=1, dtype=jnp.bfloat16)
@@ -158,6 +159,7 @@ def test_bfloat16_computes_in_bfloat16_with_float32_parameters(small, eval_apply
     assert np.linalg.norm(logits - reference) / np.linalg.norm(reference) < 0.05
 
 
+@pytest.mark.slow
 def test_features_give_named_stages_and_the_pooled_vector(small):
     model, variables, x = small
     feats = jax.jit(lambda v: model.apply(v, x, method="features"))(variables)
