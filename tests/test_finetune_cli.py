@@ -68,6 +68,7 @@ def learned(env):
     return workdir, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.slow
 def test_a_generated_image_folder_is_learned_to_over_90_percent(learned):
     workdir, out, _ = learned
     last = out.strip().splitlines()[-1]
@@ -76,6 +77,7 @@ def test_a_generated_image_folder_is_learned_to_over_90_percent(learned):
     assert "Resize(37) + CenterCrop(32)" in out
 
 
+@pytest.mark.slow
 def test_the_run_writes_metrics_curves_per_class_accuracy_confusion_checkpoints_and_the_model(learned):
     workdir, out, _ = learned
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -95,6 +97,7 @@ def test_the_run_writes_metrics_curves_per_class_accuracy_confusion_checkpoints_
     assert (workdir / "model" / "config").is_dir() and f"wrote {workdir / 'model'}" in out
 
 
+@pytest.mark.slow
 def test_an_unreadable_image_is_reported_once_by_path_and_skipped(learned, env):
     _, _, err = learned
     broken = env["root"] / "data" / "train" / "mid" / "broken.jpg"
@@ -102,6 +105,7 @@ def test_an_unreadable_image_is_reported_once_by_path_and_skipped(learned, env):
     assert f"warning: {broken}: cannot read the image" in err and "skipped" in err
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_gives_the_uninterrupted_parameters_bit_for_bit(env, learned, capsys, monkeypatch):
     reference_dir, _, _ = learned
     workdir = env["root"] / "killed"
@@ -129,6 +133,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_parameters_bit_for_bit(env,
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_linear_probe_from_a_pth_of_another_class_count_trains_fc_alone(env, pth_file, torchvision_state_dict,
                                                                         capsys):
     workdir = env["root"] / "probe"
@@ -150,6 +155,7 @@ def test_linear_probe_from_a_pth_of_another_class_count_trains_fc_alone(env, pth
     assert not np.array_equal(state["params"]["fc"]["bias"], np.zeros(3))
 
 
+@pytest.mark.slow
 def test_evaluate_only_prints_what_the_run_measured(env, learned, capsys):
     workdir, _, _ = learned
     record = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
@@ -186,6 +192,7 @@ def imagenet_standin(env):
     return pth, model.state_dict(), root
 
 
+@pytest.mark.slow
 def test_evaluate_only_on_an_imagenet_synset_folder_is_torchvisions_evaluation(env, imagenet_standin, capsys):
     """Image by image, our evaluation of a .pth predicts what torchvision's model with those weights predicts
     under its own ImageFolder and its weights' transforms (Resize 37, CenterCrop 32 here), and the top-1 / top-5
@@ -213,6 +220,7 @@ def test_evaluate_only_on_an_imagenet_synset_folder_is_torchvisions_evaluation(e
     assert out.strip().splitlines()[-1] == f"top1={top1:.4f} top5={top5:.4f} (1,000 images)"
 
 
+@pytest.mark.slow
 def test_evaluate_only_reads_tfds_imagenet2012(imagenet_standin, capsys):
     pth, _, _ = imagenet_standin
     with tfds.testing.mock_data(num_examples=20):
@@ -258,6 +266,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad, capsys, argv, mess
     assert len(err.strip().splitlines()) == 1 and not workdir.exists()
 
 
+@pytest.mark.slow
 def test_resume_on_a_dataset_with_other_classes_is_refused_before_writing(learned, capsys, tmp_path):
     workdir, _, _ = learned
     for split in ("train", "val"):

@@ -249,6 +249,7 @@ def test_random_crops_are_a_function_of_seed_and_step_so_resume_reads_the_same(f
     assert not np.array_equal(run[0]["image"], crops(folder_source, 0, 1, seed=1)[0]["image"])
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_batches_threads_give(folder_source):
     for a, b in zip(crops(folder_source, 3, 6), crops(folder_source, 3, 6, workers=1)):
         for key in ("image", "label", "mask", "bad"):

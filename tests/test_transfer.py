@@ -48,6 +48,7 @@ def bits(tree):
     return [np.asarray(leaf).tobytes() for leaf in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow
 def test_linear_probe_trains_fc_and_leaves_every_backbone_parameter_and_statistic_bit_identical(tiny):
     state, batch = tiny
     # A negative zero in the backbone: an update that added +0.0 would turn it into +0.0.
