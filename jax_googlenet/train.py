@@ -22,7 +22,7 @@ from jax_googlenet.model import RENAMED, GoogLeNetOutputs
 
 AUX_WEIGHT = 0.3  # the paper's weight of each auxiliary loss
 LOSS_MODES = ("paper", "writeup")
-# The layers with num_classes outputs, which a warm start into another class count leaves fresh.
+# The layers with num_classes outputs: the classifier heads that fine-tuning on new classes starts fresh.
 HEADS = (("fc",), ("aux1", "fc2"), ("aux2", "fc2"))
 
 
