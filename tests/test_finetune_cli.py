@@ -1,8 +1,8 @@
 """`python -m experiments.finetune` end to end with small images: a generated image folder learned to over 90%,
 what the job writes, resume after a SIGTERM bit for bit, a linear probe warm-started from a stand-in .pth with
 another class count, evaluate-only against torchvision's own evaluation (an ImageNet synset folder) and on TFDS's
-mock imagenet2012, and one clear line for each bad input. Runs call `main(argv)` in-process and share one persistent compilation cache, so each distinct
-step compiles once for the module."""
+mock imagenet2012, and one clear line for each bad input. Runs call `main(argv)` in-process and share one
+persistent compilation cache, so each distinct step compiles once for the module."""
 
 import contextlib
 import io
@@ -127,7 +127,8 @@ def test_sigterm_then_resume_gives_the_uninterrupted_parameters_bit_for_bit(env,
 
     rc, out, _ = run_main(["--resume", "--workdir", str(workdir), "--workers", "0"], capsys)
     assert rc == 0 and "resumed from step 12 (epoch 3, step 2 of 5)" in out
-    (step, resumed), (ref_step, reference) = job_runs.latest_checkpoint(workdir), job_runs.latest_checkpoint(reference_dir)
+    step, resumed = job_runs.latest_checkpoint(workdir)
+    ref_step, reference = job_runs.latest_checkpoint(reference_dir)
     assert step == ref_step == 40
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -208,7 +208,8 @@ def test_tfds_mock_rgb_and_grey_datasets_become_rgb_with_their_class_names(capsy
         cifar = images.load("tfds:cifar10")
         mnist = images.load("tfds:mnist", val_fraction=0.5)
         assert "evaluating on its 'validation' split" in capsys.readouterr().out
-        assert len(cifar.classes) == 10 and len(cifar.train) == 6 and cifar.val.describe(0) == "tfds:cifar10 validation[0]"
+        assert len(cifar.classes) == 10 and len(cifar.train) == 6
+        assert cifar.val.describe(0) == "tfds:cifar10 validation[0]"
         for ds, side in ((cifar, 32), (mnist, 28)):
             record = ds.train[0]
             assert record["image"].mode == "RGB" and record["image"].size == (side, side)

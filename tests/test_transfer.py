@@ -1,7 +1,7 @@
 """The training library for transfer learning: the linear probe leaves the backbone bit for bit, the backbone's
 learning rate scale, label smoothing as torch's and masked rows. One tiny RGB model (torchvision variant,
-3 classes, 16 px, no aux heads), its variables drawn in numpy, serves the module. The evaluation's top-5 and confusion matrix are
-checked against torchvision in tests/test_finetune_cli.py."""
+3 classes, 16 px, no aux heads), its variables drawn in numpy, serves the module. The evaluation's top-5 and
+confusion matrix are checked against torchvision in tests/test_finetune_cli.py."""
 
 import jax
 import jax.numpy as jnp
