@@ -15,7 +15,7 @@ Rules, leaf by leaf of the target (our Flax paths):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from flax import traverse_util
@@ -58,13 +58,15 @@ def adapt_input_conv(kernel: np.ndarray, in_channels: int) -> np.ndarray:
 
 
 def warm_start(pretrained: Mapping[str, Any], model, variables: Mapping[str, Any], *,
-               verbose: bool = True) -> dict[str, Any]:
+               fresh: Sequence[tuple[str, ...]] = (), verbose: bool = True) -> dict[str, Any]:
     """Fill `variables` (of `model`) from pretrained weights wherever that is well defined; see the module doc.
 
     Args:
       pretrained: a torch state dict (torchvision's or the write-up's names) or Flax variables.
       model: the target GoogLeNet (its variant says whether BatchNorm must be folded).
       variables: the target's freshly initialised variables; whatever cannot be transferred is kept from them.
+      fresh: modules kept fresh even where the shapes match (e.g. the classifier heads, for new classes), as
+        paths of module names: ("fc",), ("aux1", "fc2").
       verbose: print what was transferred and what was kept fresh.
 
     Returns:
@@ -75,10 +77,13 @@ def warm_start(pretrained: Mapping[str, Any], model, variables: Mapping[str, Any
     if folded:
         source = fold_batch_norm(source)
     target = traverse_util.flatten_dict(dict(variables))
-    out, copied, adapted, fresh = {}, [], [], []
+    out, copied, adapted, fresh_names = {}, [], [], []
     for path, fresh_value in target.items():
         src, name = source.get(path), "/".join(path)
-        if src is not None and src.shape == fresh_value.shape:
+        if any(path[1:1 + len(f)] == tuple(f) for f in fresh):
+            out[path] = fresh_value
+            fresh_names.append(f"{name} (fresh as requested)")
+        elif src is not None and src.shape == fresh_value.shape:
             out[path] = np.asarray(src, fresh_value.dtype)
             copied.append(name)
         elif src is not None and path[1] == "conv1" and path[-1] == "kernel" and src.shape[:2] == fresh_value.shape[:2] \
@@ -88,7 +93,7 @@ def warm_start(pretrained: Mapping[str, Any], model, variables: Mapping[str, Any
         else:
             out[path] = fresh_value
             why = "not in the pretrained weights" if src is None else f"pretrained {src.shape} != {fresh_value.shape}"
-            fresh.append(f"{name} ({why})")
+            fresh_names.append(f"{name} ({why})")
     if not copied and not adapted:
         raise ValueError("warm start transferred nothing: the pretrained weights share no layer with the model")
     if verbose:
@@ -96,7 +101,7 @@ def warm_start(pretrained: Mapping[str, Any], model, variables: Mapping[str, Any
         print(f"warm start: copied {len(copied)} of {len(target)} tensors{note}")
         for line in adapted:
             print(f"  adapted: {line}")
-        for line in fresh:
+        for line in fresh_names:
             print(f"  kept fresh: {line}")
     return traverse_util.unflatten_dict(out)
 
@@ -123,8 +128,9 @@ def load_weights(path: str | Path) -> tuple[Any, dict[str, Any]]:
     return model, torchvision_to_flax(weights, aux=False, model=model)
 
 
-def load_pretrained(path: str | Path, model, variables: Mapping[str, Any]) -> dict[str, Any]:
+def load_pretrained(path: str | Path, model, variables: Mapping[str, Any], *,
+                    fresh: Sequence[tuple[str, ...]] = ()) -> dict[str, Any]:
     """`warm_start` from a .pth state dict or a checkpoint directory written by `python -m convert`."""
     _, pretrained = read_pretrained(path)
     print(f"warm start from {path}")
-    return warm_start(pretrained, model, variables)
+    return warm_start(pretrained, model, variables, fresh=fresh)

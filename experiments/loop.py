@@ -1,19 +1,25 @@
 """The training loop every job here shares, whatever its data: run directory, checkpoints, signals, epochs.
 
-A job (experiments/mnist.py) sets up its config, data, model and steps, gathers them in a `Job` and calls
-`restore_or_start`; then `train_and_evaluate(job)` runs the named steps, as flax's examples do:
+A job (experiments/mnist.py, experiments/finetune.py) sets up its config, data, model and steps, gathers them in a
+`Job` and calls `restore_or_start`; then `train_and_evaluate(job)` runs the named steps, as flax's examples do:
 
 - `restore_or_start`: continue from the latest checkpoint (`--resume`) or write config.json to a new run;
 - `train_epoch`: one epoch of train steps, the device a step ahead of the host, a NaN loss stopping the run and
   SIGINT/SIGTERM saving a checkpoint and exiting with 128 + the signal number (after the epoch's results when
   the signal comes at its end);
-- `evaluate`: the test metrics over every test example once;
-- `write_results`: the epoch's checkpoint, metrics.jsonl, curves.png and one printed line;
+- `evaluate`: the test metrics over every test example once (top-5 and a confusion matrix too when the eval
+  step counts them);
+- `write_results`: the epoch's checkpoint, metrics.jsonl, curves.png, the job's own files (`write_details`) and
+  one printed line;
 - `finish`: the last line and the final test accuracy.
+
+Shared set-up pieces: `resume_config` (a stored config and the flags given with --resume), `warm_start` (from
+pretrained weights), `make_mesh`, `jit_steps`.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import json
@@ -43,6 +49,57 @@ class TrainingError(Exception):
     """The run went wrong, e.g. a NaN loss (exit status 1); one line."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are UsageError: one line, not argparse's usage block."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def run_cli(work: Callable[[], str], *, bad_input: tuple[type[Exception], ...] = ()) -> int:
+    """A job's main: `work()`, then its last line (the result) on stdout; exit status 0. Bad input (UsageError
+    and the job's `bad_input` errors) is one line on stderr and status 2, a failed run (TrainingError) status 1."""
+    try:
+        line = work()
+    except (UsageError, *bad_input) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    print(line, flush=True)
+    return 0
+
+
+def add_run_flags(p: argparse.ArgumentParser, name: str) -> None:
+    """The flags of every training job: where the run lives, its devices and hosts, dtype, compilation cache;
+    `name` gives the default run directory, runs/<name>-<time>."""
+    p.add_argument("--workdir", default=None, help=f"output directory (default: runs/{name}-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --workdir from its latest checkpoint (flags default to its config)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="data-parallel over the first N devices (default: all); the mesh is printed at start")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-host run without SLURM/Open MPI: process 0's address, with --num-processes and "
+                   "--process-id (under srun or mpirun the processes find each other)")
+    p.add_argument("--num-processes", type=int, default=None, help="processes in a multi-host run")
+    p.add_argument("--process-id", type=int, default=None, help="this process's index in a multi-host run")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="computation dtype; parameters and optimizer state stay float32")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not use the persistent XLA compilation cache (~/.cache/jax_googlenet/xla)")
+
+
+def check_run_flags(args, positive: tuple[str, ...]) -> None:
+    """The flags named in `positive` (and --devices) are at least 1; --resume names its --workdir."""
+    for name in (*positive, "devices"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.resume and args.workdir is None:
+        raise UsageError("--resume needs the --workdir of the run to continue")
+
+
 # ----------------------------------------------------------------------------------------------- run directory
 
 
@@ -67,6 +124,17 @@ def open_workdir(workdir: str | None, resume: bool) -> tuple[Path | None, dict |
         raise UsageError(f"--workdir {path} already holds a run; add --resume to continue it or choose "
                          f"another --workdir")
     return path, None
+
+
+def resume_config(stored: dict, given: dict, workdir: str | Path, *, free: tuple[str, ...] = ()) -> dict:
+    """The stored config of a run to resume, with the given flags: each must agree with it, but those in `free`
+    (e.g. where the data lives), which replace the stored values."""
+    for key, value in given.items():
+        if key not in free and stored.get(key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"--resume: the checkpoint in {workdir} was trained with {flag} {stored.get(key)}, "
+                             f"not {value}")
+    return {**stored, **{k: v for k, v in given.items() if k in free}}
 
 
 def new_workdir(name: str) -> Path:
@@ -141,8 +209,8 @@ class Checkpoints:
 @dataclasses.dataclass
 class Job:
     """What a job's set-up hands the loop. `train_step(state, batch) -> (state, {"loss", "accuracy"})` and
-    `eval_step(state, batch) -> {"loss", "correct", "count"}` (sums) are jitted (`jit_steps`); batches are
-    this process's rows, sharded over `mesh` here."""
+    `eval_step(state, batch) -> {"loss", "correct", "count", ...}` (sums; see `evaluate_batches` for more) are
+    jitted (`jit_steps`); batches are this process's rows, sharded over `mesh` here."""
 
     cfg: dict  # the flat config written to config.json; the loop reads "epochs" and "batch_size"
     workdir: Path
@@ -158,6 +226,23 @@ class Job:
     epoch_so_far: dict | None = None  # the unfinished epoch's train metrics, restored with a signal's checkpoint
     step: int = 0
     lead: bool = True  # process 0: writes config.json, metrics.jsonl and the plot, shows progress
+    # (workdir, test metrics, the evaluation's array sums) -> more files, on the lead process after each epoch
+    write_details: Callable[[Path, dict, dict], None] | None = None
+    details: dict = dataclasses.field(default_factory=dict)  # the latest evaluation's array sums
+
+
+def warm_start(path: str, model, state, *, fresh: tuple[tuple[str, ...], ...] = ()):
+    """`state` with its parameters and BatchNorm statistics filled from pretrained GoogLeNet weights (a .pth or
+    a checkpoint directory) wherever shapes allow, but for the `fresh` modules (`convert.load_pretrained`, which
+    prints what it copied)."""
+    try:
+        from convert import load_pretrained
+    except ImportError as e:
+        raise UsageError(f"--init needs convert.load_pretrained and torch ({e})") from None
+    variables = load_pretrained(path, model, {"params": state.params, "batch_stats": state.batch_stats},
+                                fresh=fresh)
+    print(f"initialised from {path}", flush=True)
+    return state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}))
 
 
 def jit_steps(train_fn: Callable, eval_fn: Callable, mesh) -> tuple[Callable, Callable]:
@@ -165,7 +250,12 @@ def jit_steps(train_fn: Callable, eval_fn: Callable, mesh) -> tuple[Callable, Ca
     replicated = distributed.replicated(mesh)
     # without_gc: the first calls trace, lower and compile without Python's collector walking the trace
     return (compilation_cache.without_gc(jax.jit(train_fn, donate_argnums=0, out_shardings=replicated)),
-            compilation_cache.without_gc(jax.jit(eval_fn, out_shardings=replicated)))
+            jit_eval_step(eval_fn, mesh))
+
+
+def jit_eval_step(eval_fn: Callable, mesh) -> Callable:
+    """`eval_fn` jitted for `mesh`, its outputs replicated."""
+    return compilation_cache.without_gc(jax.jit(eval_fn, out_shardings=distributed.replicated(mesh)))
 
 
 def train_and_evaluate(job: Job) -> float:
@@ -275,12 +365,29 @@ def exit_stopped(job: Job, signum: int) -> None:
 
 
 def evaluate(job: Job) -> dict:
-    """Test loss, accuracy and count over every test example; every batch is dispatched before one fetch."""
-    outs = jax.device_get([job.eval_step(job.state, distributed.shard_batch(batch, job.mesh))
-                           for batch in job.eval_batches()])
-    sums = {k: sum(float(out[k]) for out in outs) for k in ("loss", "correct", "count")}
-    return {"test_loss": sums["loss"] / sums["count"], "test_accuracy": sums["correct"] / sums["count"],
-            "test_count": int(sums["count"])}
+    """The test metrics over every test example (see `evaluate_batches`); array sums kept in `job.details`."""
+    metrics, job.details = evaluate_batches(job.eval_step, job.state, job.eval_batches(), job.mesh)
+    return metrics
+
+
+def evaluate_batches(eval_step: Callable, state, batches: Iterable[dict], mesh) -> tuple[dict, dict]:
+    """(metrics, array sums) of `eval_step` over `batches`: test loss, accuracy and count, and the top-5
+    accuracy when the step counts "correct_top5". Every batch is dispatched before one fetch; scalar sums add
+    up on the host in float64, array sums (a confusion matrix) on the device."""
+    scalars, arrays = [], {}
+    for batch in batches:
+        out = eval_step(state, distributed.shard_batch(batch, mesh))
+        scalars.append({k: v for k, v in out.items() if v.ndim == 0})
+        for k, v in out.items():
+            if v.ndim:
+                arrays[k] = arrays[k] + v if k in arrays else v
+    scalars, arrays = jax.device_get((scalars, arrays))
+    sums = {k: sum(float(out[k]) for out in scalars) for k in scalars[0]}
+    metrics = {"test_loss": sums["loss"] / sums["count"], "test_accuracy": sums["correct"] / sums["count"],
+               "test_count": int(sums["count"])}
+    if "correct_top5" in sums:
+        metrics["test_top5_accuracy"] = sums["correct_top5"] / sums["count"]
+    return metrics, arrays
 
 
 def write_results(job: Job, epoch: int, trained: Trained, tested: dict) -> None:
@@ -294,9 +401,13 @@ def write_results(job: Job, epoch: int, trained: Trained, tested: dict) -> None:
     if job.lead:
         write_atomic(job.workdir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in job.history).encode())
         plot(job.history, job.workdir / "curves.png")
+        if job.write_details is not None:
+            job.write_details(job.workdir, tested, job.details)
         h = job.history[-1]
+        top5 = f" test_top5_accuracy={h['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in h else ""
         print(f"epoch {h['epoch']}: train_loss={h['train_loss']:.4f} test_loss={h['test_loss']:.4f} "
-              f"test_accuracy={h['test_accuracy']:.4f} ({h['test_count']} images, {seconds:.1f} s)", flush=True)
+              f"test_accuracy={h['test_accuracy']:.4f}{top5} ({h['test_count']} images, {seconds:.1f} s)",
+              flush=True)
 
 
 def finish(job: Job) -> float:
@@ -324,6 +435,13 @@ def plot(history: list[dict], path: Path) -> None:
     for ax in (ax1, ax2):
         ax.legend()
         ax.grid(alpha=0.3)
+    write_png(fig, path)
+
+
+def write_png(fig, path: Path) -> None:
+    """A matplotlib figure as a PNG, written atomically (`write_atomic`); the figure is closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 
 from experiments import loop
-from experiments.loop import TrainingError, UsageError
+from experiments.loop import UsageError
 from jax_googlenet import data, distributed, train
 from jax_googlenet.model import RENAMED, accepted_sides, googlenet
 from jax_googlenet.ops import resolve_impl
@@ -44,11 +44,6 @@ PRESETS = {
 }
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise UsageError(message)
-
-
 def current_name(kind: str):
     """An argparse type for a --preset or --variant value: a name renamed since (`jax_googlenet.model.RENAMED`)
     is refused in one line that gives the new one."""
@@ -62,7 +57,7 @@ def current_name(kind: str):
 
 
 def parse_args(argv):
-    p = Parser(prog="python -m experiments.mnist", description=__doc__.split("\n\n")[0],
+    p = loop.Parser(prog="python -m experiments.mnist", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--data", default=None, help="where MNIST comes from: auto (default: tfds if prepared in "
@@ -82,33 +77,15 @@ def parse_args(argv):
     p.add_argument("--momentum", type=float, default=None, help="SGD momentum")
     p.add_argument("--image-size", type=int, default=None,
                    help="side the 28x28 digits are resized to on the device (bilinear)")
-    p.add_argument("--workdir", default=None, help="output directory (default: runs/mnist-<preset>-<time>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --workdir from its latest checkpoint (flags default to its config)")
     p.add_argument("--init", default=None, metavar="FILE.pth",
                    help="warm-start from torchvision GoogLeNet weights (a state_dict .pth), as the write-up does")
     p.add_argument("--seed", type=int, default=None, help="seed of initialisation, data order, dropout and "
                    "augmentation (default 0)")
-    p.add_argument("--devices", type=int, default=None,
-                   help="data-parallel over the first N devices (default: all); the mesh is printed at start")
-    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="multi-host run without SLURM/Open MPI: process 0's address, with --num-processes and "
-                   "--process-id (under srun or mpirun the processes find each other)")
-    p.add_argument("--num-processes", type=int, default=None, help="processes in a multi-host run")
-    p.add_argument("--process-id", type=int, default=None, help="this process's index in a multi-host run")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="computation dtype; parameters and optimizer state stay float32")
-    p.add_argument("--no-compile-cache", action="store_true",
-                   help="do not use the persistent XLA compilation cache (~/.cache/jax_googlenet/xla)")
+    loop.add_run_flags(p, "mnist-<preset>")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "image_size", "devices"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    loop.check_run_flags(args, positive=("epochs", "batch_size", "image_size"))
     if args.init is not None and not Path(args.init).is_file():
         raise UsageError(f"--init {args.init}: no such file")
-    if args.resume and args.workdir is None:
-        raise UsageError("--resume needs the --workdir of the run to continue")
     return args
 
 
@@ -130,13 +107,8 @@ def make_config(args, stored: dict | None) -> dict:
     if args.preset is not None:
         given["preset"] = args.preset
     if stored is not None:
-        stored = current_names(stored, args.workdir)
-        for key, value in given.items():
-            if key not in ("data", "data_dir") and stored.get(key) != value:
-                flag = "--" + key.replace("_", "-")
-                raise UsageError(f"--resume: the checkpoint in {args.workdir} was trained with {flag} "
-                                 f"{stored.get(key)}, not {value}")
-        return {**stored, **{k: v for k, v in given.items() if k in ("data", "data_dir")}}
+        return loop.resume_config(current_names(stored, args.workdir), given, args.workdir,
+                                  free=("data", "data_dir"))
     preset = given.get("preset") or default_preset()
     print(f"preset: {preset} ({'--preset' if args.preset else 'the default on this JAX backend'})", flush=True)
     return {"preset": preset, **PRESETS[preset], "seed": 0, "dtype": "float32", "data": "auto", "data_dir": None,
@@ -204,7 +176,7 @@ def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead
                               warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch))
     size = cfg["image_size"]
     state = train.create_train_state(rng, model, (1, size, size, cfg["in_channels"]), tx)
-    return warm_start(init, model, state) if init else state
+    return loop.warm_start(init, model, state) if init else state
 
 
 def make_steps(cfg: dict, dropout_rng, shift_rng, mesh):
@@ -232,29 +204,8 @@ def check_image_size(cfg: dict) -> None:
                          f"accepts {band}")
 
 
-def warm_start(path: str, model, state):
-    """Load torchvision weights through the converter (`convert.load_pretrained`)."""
-    try:
-        from convert import load_pretrained
-    except ImportError as e:
-        raise UsageError(f"--init needs convert.load_pretrained and torch ({e})") from None
-    variables = load_pretrained(path, model, {"params": state.params, "batch_stats": state.batch_stats})
-    print(f"initialised from {path}", flush=True)
-    return state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}))
-
-
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-        accuracy = run(args)
-    except (UsageError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    print(f"test_accuracy={accuracy:.4f}", flush=True)
-    return 0
+    return loop.run_cli(lambda: f"test_accuracy={run(parse_args(argv)):.4f}", bad_input=(data.DataError,))
 
 
 if __name__ == "__main__":

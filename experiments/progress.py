@@ -22,8 +22,9 @@ EVERY_SECONDS = 30.0  # and at least this often
 
 def bar(total: int, *, desc: str, initial: int = 0, unit: str = "img", disable: bool = False,
         file: TextIO | None = None):
-    """A progress display for `total` units starting at `initial`: `update(n, loss=...)`, then `close()` (or use
-    it as a context manager). tqdm's bar when `file` (default stderr) is a terminal, plain lines otherwise."""
+    """A progress display for `total` units starting at `initial`: `update(n, loss=...)` (the loss optional, for
+    evaluation), then `close()` (or use it as a context manager). tqdm's bar when `file` (default stderr) is a
+    terminal, plain lines otherwise."""
     file = sys.stderr if file is None else file
     if disable:
         return Progress()
@@ -35,7 +36,7 @@ def bar(total: int, *, desc: str, initial: int = 0, unit: str = "img", disable: 
 class Progress:
     """Shows nothing (processes other than the first of a multi-process run); the two below show something."""
 
-    def update(self, n: int, *, loss: float) -> None:
+    def update(self, n: int, *, loss: float | None = None) -> None:
         pass
 
     def close(self) -> None:
@@ -54,8 +55,9 @@ class Bar(Progress):
     def __init__(self, total: int, *, desc: str, initial: int, unit: str, file: TextIO):
         self.tqdm = tqdm(total=total, initial=initial, unit=unit, desc=desc, file=file, dynamic_ncols=True)
 
-    def update(self, n: int, *, loss: float) -> None:
-        self.tqdm.set_postfix(loss=f"{loss:.4f}", refresh=False)
+    def update(self, n: int, *, loss: float | None = None) -> None:
+        if loss is not None:
+            self.tqdm.set_postfix(loss=f"{loss:.4f}", refresh=False)
         self.tqdm.update(n)
 
     def close(self) -> None:
@@ -80,14 +82,15 @@ class Lines(Progress):
         tenth = done * LINES_PER_TOTAL // self.total + 1
         return -(-tenth * self.total // LINES_PER_TOTAL)
 
-    def update(self, n: int, *, loss: float) -> None:
+    def update(self, n: int, *, loss: float | None = None) -> None:
         self.done += n
         now = self.clock()
         if self.done < self.next_mark and now - self.last_time < EVERY_SECONDS:
             return
         rate = (self.done - self.last_done) / max(now - self.last_time, 1e-9)
         percent = 100 * self.done / self.total if self.total else 100
-        print(f"{self.desc}: {self.done:,}/{self.total:,} {self.unit} ({percent:.0f}%), loss {loss:.4f}, "
+        shown_loss = "" if loss is None else f", loss {loss:.4f}"
+        print(f"{self.desc}: {self.done:,}/{self.total:,} {self.unit} ({percent:.0f}%){shown_loss}, "
               f"{rate:.1f} {self.unit}/s", file=self.file, flush=True)
         self.last_done, self.last_time = self.done, now
         self.next_mark = self._mark_after(self.done)

@@ -32,6 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_googlenet import pipeline
+from jax_googlenet.pipeline import steps_per_epoch  # noqa: F401  (the MNIST job reads it from here)
+
 MEAN, STD = 0.1307, 0.3081  # MNIST's pixel mean and std (of x / 255), the write-up's Normalize
 SIDE = 28
 NUM_CLASSES = 10
@@ -253,45 +256,22 @@ def _record(r: dict[str, Any]) -> dict[str, np.ndarray]:
     return {"image": np.asarray(r["image"], np.uint8).reshape(SIDE, SIDE, 1), "label": np.int32(r["label"])}
 
 
-def _local_batch(global_batch: int) -> int:
-    if global_batch % jax.process_count():
-        raise DataError(f"batch size {global_batch} does not divide over {jax.process_count()} processes")
-    return global_batch // jax.process_count()
-
-
-def steps_per_epoch(num_examples: int, global_batch: int) -> int:
-    """Full global batches per epoch; the remainder of the shuffled epoch is dropped (a different one each
-    epoch)."""
-    return num_examples // global_batch
-
-
 def train_batches(source: Sequence, *, global_batch: int, seed: int, epoch: int, start_step: int = 0,
                   num_threads: int = 4, prefetch: int = 8) -> grain.IterDataset:
-    """This process's part of the epoch's global batches, from step `start_step`: the order is a function of
-    (seed, epoch) alone, so a resumed run sees the batches an uninterrupted one would."""
-    n, processes = len(source), jax.process_count()
-    per_process = n // processes  # every process the same length, so all take the same number of steps
-    ds = grain.MapDataset.source(source)[:per_process * processes][jax.process_index()::processes]
-    # grain's shuffle draws epoch e's permutation from seed + e; repeat then slice picks out epoch `epoch`.
-    ds = ds.shuffle(seed=seed).repeat()[epoch * per_process:(epoch + 1) * per_process]
-    ds = ds.map(_record).batch(_local_batch(global_batch), drop_remainder=True)[start_step:]
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+    """This process's part of the epoch's global batches of digits, from step `start_step`: the order is a
+    function of (seed, epoch) alone, so a resumed run sees the batches an uninterrupted one would."""
+    per_epoch = steps_per_epoch(len(source), global_batch)
+    return pipeline.train_batches(source, global_batch=global_batch, seed=seed,
+                                  start_step=epoch * per_epoch + start_step, stop_step=(epoch + 1) * per_epoch,
+                                  transform=_record, num_threads=num_threads, prefetch=prefetch)
 
 
 def eval_batches(source: Sequence, *, global_batch: int, num_threads: int = 4,
                  prefetch: int = 8) -> grain.IterDataset:
-    """Every example once: the last global batch is padded and its padding rows have mask False."""
-    n, processes = len(source), jax.process_count()
-    padded = -(-n // global_batch) * global_batch
-
-    def record(i):
-        if i < n:
-            return {**_record(source[i]), "mask": np.bool_(True)}
-        return {"image": np.zeros((SIDE, SIDE, 1), np.uint8), "label": np.int32(0), "mask": np.bool_(False)}
-
-    ds = grain.MapDataset.range(padded)[jax.process_index()::processes].map(record)
-    ds = ds.batch(_local_batch(global_batch))
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+    """Every digit once: the last global batch is padded and its padding rows have mask False."""
+    blank = {"image": np.zeros((SIDE, SIDE, 1), np.uint8), "label": np.int32(0)}
+    return pipeline.eval_batches(source, global_batch=global_batch, transform=_record, blank=blank,
+                                 num_threads=num_threads, prefetch=prefetch)
 
 
 # ----------------------------------------------------------------------------------------------- on device

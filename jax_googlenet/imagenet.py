@@ -2,6 +2,7 @@
 
 `preprocess` equals `GoogLeNet_Weights.IMAGENET1K_V1.transforms()` (resize the shorter side to 256, bilinear with
 antialias; center crop 224; scale to [0, 1]; normalise with the ImageNet mean and std), but returns HWC.
+`normalize` is its last step alone, on the device, for uint8 crops made on the host (`jax_googlenet.images`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ def resized_size(height: int, width: int, size: int = RESIZE) -> tuple[int, int]
     return int(size * height / width), size
 
 
+def center_crop_offsets(height: int, width: int, crop: int) -> tuple[int, int]:
+    """(top, left) of torchvision's center crop, whose offsets use Python's round (half to even)."""
+    return int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
+
+
+def normalize(images: jax.Array) -> jax.Array:
+    """uint8 RGB (..., 3) -> float32 scaled to [0, 1] and normalised with the ImageNet mean and std."""
+    return (jnp.asarray(images, jnp.float32) / 255.0 - jnp.asarray(MEAN)) / jnp.asarray(STD)
+
+
 def preprocess(image: np.ndarray, resize: int = RESIZE, crop: int = CROP) -> jax.Array:
     """A uint8 HWC RGB image -> float32 crop x crop x 3, ImageNet-normalised."""
     image = np.asarray(image)
@@ -39,7 +50,5 @@ def preprocess(image: np.ndarray, resize: int = RESIZE, crop: int = CROP) -> jax
     x = jax.image.resize(jnp.asarray(image, jnp.float32), (h, w, 3), method="linear", antialias=True)
     # torchvision resizes a uint8 image to uint8: round as it does, before scaling to [0, 1].
     x = jnp.clip(jnp.round(x), 0, 255)
-    # torchvision's center_crop offsets use Python's round (half to even).
-    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
-    x = x[top:top + crop, left:left + crop] / 255.0
-    return (x - jnp.asarray(MEAN)) / jnp.asarray(STD)
+    top, left = center_crop_offsets(h, w, crop)
+    return normalize(x[top:top + crop, left:left + crop])

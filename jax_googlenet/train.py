@@ -1,7 +1,9 @@
 """Training library: train state, optimizer, losses, and the train and eval steps (plain functions).
 
 The steps are plain functions; jit them where they are used (`jit_train_step`, `jit_eval_step` donate the
-state's buffers and keep the sharding given by `jax_googlenet.distributed`).
+state's buffers and keep the sharding given by `jax_googlenet.distributed`). For transfer learning the optimizer
+gives the classifier heads and the backbone their own learning rates, or freezes the backbone, and `probe_step`
+trains the classifier alone on the backbone's inference-mode features (a linear probe).
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 from flax.training import train_state
 
 from jax_googlenet.model import RENAMED, GoogLeNetOutputs
 
 AUX_WEIGHT = 0.3  # the paper's weight of each auxiliary loss
 LOSS_MODES = ("paper", "writeup")
+# The layers with num_classes outputs: the classifier heads that fine-tuning on new classes starts fresh.
+HEADS = (("fc",), ("aux1", "fc2"), ("aux2", "fc2"))
 
 
 class TrainState(train_state.TrainState):
@@ -29,11 +34,21 @@ class TrainState(train_state.TrainState):
 
 def make_optimizer(learning_rate: float, *, momentum: float = 0.9, nesterov: bool = False,
                    weight_decay: float = 0.0, schedule: str = "constant", total_steps: int = 0,
-                   warmup_steps: int = 0) -> optax.GradientTransformation:
+                   warmup_steps: int = 0, backbone_lr_scale: float = 1.0,
+                   freeze_backbone: bool = False) -> optax.GradientTransformation:
     """SGD with momentum; `schedule` is "constant", "cosine" or "onecycle" (optax schedules).
 
-    Weight decay is coupled L2 on every parameter, as `torch.optim.SGD(weight_decay=...)` does.
+    Weight decay is coupled L2 on every trained parameter, as `torch.optim.SGD(weight_decay=...)` does. With
+    `backbone_lr_scale` the backbone (everything but `HEADS`) runs at that fraction of the heads' learning rate;
+    with `freeze_backbone` only the main classifier `fc` trains and every other parameter gets a zero update
+    (`optax.multi_transform`, groups from `param_groups`).
     """
+    if freeze_backbone or backbone_lr_scale != 1.0:
+        sgd = functools.partial(make_optimizer, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                                schedule=schedule, total_steps=total_steps, warmup_steps=warmup_steps)
+        backbone = optax.set_to_zero() if freeze_backbone else sgd(learning_rate * backbone_lr_scale)
+        return optax.multi_transform({"head": sgd(learning_rate), "backbone": backbone},
+                                     functools.partial(param_groups, freeze_backbone=freeze_backbone))
     if schedule == "constant":
         lr = learning_rate
     elif schedule == "cosine":
@@ -47,6 +62,14 @@ def make_optimizer(learning_rate: float, *, momentum: float = 0.9, nesterov: boo
     return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
 
 
+def param_groups(params: Any, *, freeze_backbone: bool = False) -> Any:
+    """"head" or "backbone" for each parameter (the tree of `params`): the heads are `HEADS`, or `fc` alone
+    with `freeze_backbone` (a linear probe trains the main classifier only)."""
+    heads = HEADS[:1] if freeze_backbone else HEADS
+    return traverse_util.path_aware_map(
+        lambda path, _: "head" if any(path[:len(h)] == h for h in heads) else "backbone", params)
+
+
 def create_train_state(rng: jax.Array, model: nn.Module, input_shape: tuple[int, ...],
                        tx: optax.GradientTransformation) -> TrainState:
     """Initialise the model on zeros of `input_shape` (NHWC, batch included) and the optimizer."""
@@ -55,15 +78,30 @@ def create_train_state(rng: jax.Array, model: nn.Module, input_shape: tuple[int,
                              batch_stats=variables.get("batch_stats", {}))
 
 
-def classification_loss(outputs: GoogLeNetOutputs, labels: jax.Array, mode: str = "paper") -> jax.Array:
-    """Mean cross-entropy of a training-mode forward.
+def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0,
+                  weights: jax.Array | None = None) -> jax.Array:
+    """Mean cross-entropy over the batch (weighted by `weights` when given); `label_smoothing` mixes the one-hot
+    target with the uniform distribution, as `torch.nn.CrossEntropyLoss(label_smoothing=...)` does."""
+    if label_smoothing:
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+        ce = optax.softmax_cross_entropy(logits, targets)
+    else:
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    if weights is None:
+        return ce.mean()
+    return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def classification_loss(outputs: GoogLeNetOutputs, labels: jax.Array, mode: str = "paper", *,
+                        label_smoothing: float = 0.0, weights: jax.Array | None = None) -> jax.Array:
+    """Mean cross-entropy of a training-mode forward (see `cross_entropy` for the options).
 
     "paper": CE(logits) + 0.3 * (CE(aux1) + CE(aux2)), the rule of the paper (section 5) that the write-up's
     text states. "writeup": CE(logits + 0.3 * aux1 + 0.3 * aux2), what the write-up's code does: its model returns
     the weighted sum of the three heads' logits and one CE is taken of that, so the heads are trained jointly
     as one ensemble rather than each to classify alone. Missing aux heads count as zero in both.
     """
-    ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, labels).mean()  # noqa: E731
+    ce = functools.partial(cross_entropy, labels=labels, label_smoothing=label_smoothing, weights=weights)
     auxes = [a for a in (outputs.aux1, outputs.aux2) if a is not None]
     if mode == "paper":
         return ce(outputs.logits) + AUX_WEIGHT * sum(ce(a) for a in auxes)
@@ -79,33 +117,78 @@ def identity(images: jax.Array) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, loss_mode: str = "paper",
-               preprocess: Callable[[jax.Array], jax.Array] = identity) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD step on `batch` ({"image", "label"}); dropout's key is `rng` folded with the step number, so
-    a resumed run draws the same masks. Returns the new state and {"loss", "accuracy"} of the batch."""
+               preprocess: Callable[[jax.Array], jax.Array] = identity,
+               label_smoothing: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step on `batch` ({"image", "label"}, optionally a boolean "mask" of the rows that count); dropout's
+    key is `rng` folded with the step number, so a resumed run draws the same masks. Returns the new state and
+    {"loss", "accuracy"} of the batch."""
     images = preprocess(batch["image"])
     dropout_rng = jax.random.fold_in(rng, state.step)
+    weights = _weights(batch)
 
     def loss_fn(params):
         outputs, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images,
                                           train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-        return classification_loss(outputs, batch["label"], loss_mode), (outputs, updates)
+        loss = classification_loss(outputs, batch["label"], loss_mode, label_smoothing=label_smoothing,
+                                   weights=weights)
+        return loss, (outputs, updates)
 
     (loss, (outputs, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
-    accuracy = jnp.mean(jnp.argmax(outputs.logits, -1) == batch["label"])
-    return state, {"loss": loss, "accuracy": accuracy}
+    return state, {"loss": loss, "accuracy": _accuracy(outputs.logits, batch["label"], weights)}
+
+
+def probe_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array | None = None, *,
+               preprocess: Callable[[jax.Array], jax.Array] = identity,
+               label_smoothing: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One step of a linear probe: the network runs in inference mode (running BatchNorm statistics, no dropout,
+    no aux heads) and only the classifier `fc` is differentiated, so the backbone's backward pass is never
+    computed; the other parameters get zero gradients (the optimizer must freeze them: `make_optimizer(...,
+    freeze_backbone=True)`) and the statistics are left as they are. `rng` is unused (no dropout)."""
+    images = preprocess(batch["image"])
+    weights = _weights(batch)
+
+    def loss_fn(fc):
+        logits = state.apply_fn({"params": {**state.params, "fc": fc}, "batch_stats": state.batch_stats}, images,
+                                train=False)
+        return cross_entropy(logits, batch["label"], label_smoothing=label_smoothing, weights=weights), logits
+
+    (loss, logits), fc_grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["fc"])
+    grads = {**jax.tree.map(jnp.zeros_like, state.params), "fc": fc_grads}
+    state = state.apply_gradients(grads=grads)
+    return state, {"loss": loss, "accuracy": _accuracy(logits, batch["label"], weights)}
+
+
+def _weights(batch: dict[str, jax.Array]) -> jax.Array | None:
+    return batch["mask"].astype(jnp.float32) if "mask" in batch else None
+
+
+def _accuracy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None) -> jax.Array:
+    correct = jnp.argmax(logits, -1) == labels
+    if weights is None:
+        return jnp.mean(correct)
+    return jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
-              preprocess: Callable[[jax.Array], jax.Array] = identity) -> dict[str, jax.Array]:
+              preprocess: Callable[[jax.Array], jax.Array] = identity,
+              num_classes: int | None = None) -> dict[str, jax.Array]:
     """Sums over the batch: {"loss", "correct", "count"}; an optional boolean `mask` drops padding rows, so a
-    padded last batch counts each real example once."""
+    padded last batch counts each real example once. With `num_classes`, also "correct_top5" and "confusion"
+    ([true class, predicted class] counts)."""
     logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
                             preprocess(batch["image"]), train=False)
     mask = batch.get("mask", jnp.ones(logits.shape[:1], bool)).astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    return {"loss": jnp.sum(ce * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+    predicted = jnp.argmax(logits, -1)
+    correct = (predicted == batch["label"]).astype(jnp.float32)
+    sums = {"loss": jnp.sum(ce * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+    if num_classes is None:
+        return sums
+    _, top5 = jax.lax.top_k(logits, min(5, num_classes))
+    in_top5 = jnp.any(top5 == batch["label"][:, None], axis=-1).astype(jnp.float32)
+    confusion = jnp.zeros((num_classes, num_classes), jnp.float32).at[batch["label"], predicted].add(mask)
+    return {**sums, "correct_top5": jnp.sum(in_top5 * mask), "confusion": confusion}
 
 
 def jit_train_step(**kwargs) -> Callable:
@@ -114,4 +197,5 @@ def jit_train_step(**kwargs) -> Callable:
 
 
 def jit_eval_step(**kwargs) -> Callable:
+    """`eval_step` with its options bound, jitted."""
     return jax.jit(functools.partial(eval_step, **kwargs))

@@ -1,9 +1,12 @@
+import os
+
 import jax
 import pytest
 import torch
 import torchvision
 
 from convert import torchvision_to_flax
+from jax_googlenet import compilation_cache
 
 # Parity is measured at full float32 precision on both sides.
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -44,3 +47,18 @@ def pth_file(tmp_path_factory, torchvision_state_dict):
 def variables(torchvision_state_dict):
     """The stand-in state dict converted to Flax variables, aux heads included."""
     return torchvision_to_flax(torchvision_state_dict)
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """One persistent compilation cache for a module's in-process runs of a job, so each distinct step compiles
+    once; JAX's setting (main() turns the cache on) and the environment are restored after the module."""
+    cache = tmp_path_factory.mktemp("xla")
+    old = os.environ.get("JAX_GOOGLENET_CACHE_DIR")
+    os.environ["JAX_GOOGLENET_CACHE_DIR"] = str(cache)
+    yield cache
+    compilation_cache.disable()
+    if old is None:
+        del os.environ["JAX_GOOGLENET_CACHE_DIR"]
+    else:
+        os.environ["JAX_GOOGLENET_CACHE_DIR"] = old

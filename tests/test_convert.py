@@ -209,6 +209,18 @@ def test_warm_start_one_channel_ten_classes(torchvision_state_dict, capsys):
         assert f"kept fresh: {head}" in text
 
 
+def test_warm_start_keeps_the_modules_asked_fresh_even_when_their_shapes_match(torchvision_state_dict, capsys):
+    model = googlenet()  # 1000 classes, as the pretrained heads
+    fresh = abstract_to_zeros(model)
+    v = warm_start(torchvision_state_dict, model, fresh, fresh=(("fc",), ("aux1", "fc2")))
+    np.testing.assert_array_equal(v["params"]["fc"]["kernel"], fresh["params"]["fc"]["kernel"])
+    np.testing.assert_array_equal(v["params"]["aux1"]["fc2"]["bias"], fresh["params"]["aux1"]["fc2"]["bias"])
+    np.testing.assert_array_equal(v["params"]["aux2"]["fc2"]["bias"],
+                                  torchvision_state_dict["aux2.fc2.bias"].numpy())
+    text = capsys.readouterr().out
+    assert "kept fresh: params/fc/kernel (fresh as requested)" in text and "params/aux2/fc2" not in text
+
+
 def test_warm_start_other_channel_counts_follow_timm():
     k = np.random.default_rng(0).normal(size=(7, 7, 3, 64)).astype(np.float32)
     from convert.pretrained import adapt_input_conv

@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import jax
+import job_runs
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from experiments import loop, mnist
-from jax_googlenet import compilation_cache, data
+from jax_googlenet import data
 
 ROOT = Path(__file__).resolve().parents[1]
 # torchvision variant at 16 px, batch 8, 48 real digits: 6 steps an epoch.
@@ -26,7 +26,7 @@ TINY = ["--variant", "torchvision", "--image-size", "16", "--batch-size", "8", "
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, compile_cache):
     """Real digits from the shipped sample as IDX files, and a compilation cache shared by every run here."""
     root = tmp_path_factory.mktemp("mnist_cli")
     (root / "idx").mkdir()
@@ -38,35 +38,17 @@ def env(tmp_path_factory):
         image_name, label_name = data.IDX_FILES[split]
         data.write_idx(root / "idx" / f"{image_name}.gz", images)
         data.write_idx(root / "idx" / f"{label_name}.gz", labels)
-    cache = root / "xla"
-    old = os.environ.get("JAX_GOOGLENET_CACHE_DIR")
-    os.environ["JAX_GOOGLENET_CACHE_DIR"] = str(cache)
-    yield {"root": root, "data": f"idx:{root / 'idx'}", "cache": cache}
-    compilation_cache.disable()  # main() turned it on for this process
-    if old is None:
-        del os.environ["JAX_GOOGLENET_CACHE_DIR"]
-    else:
-        os.environ["JAX_GOOGLENET_CACHE_DIR"] = old
+    return {"root": root, "data": f"idx:{root / 'idx'}", "cache": compile_cache}
 
 
 def run_main(argv, capsys):
-    rc = mnist.main(argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
+    return job_runs.run_main(mnist.main, argv, capsys)
 
 
 def metrics(workdir):
     """metrics.jsonl's records without their timings, the fields a rerun reproduces exactly."""
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k not in ("epoch_seconds", "images_per_second")} for r in records]
-
-
-def final_params(workdir):
-    manager = ocp.CheckpointManager(Path(workdir, "checkpoints").absolute())
-    step = manager.latest_step()
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    manager.close()
-    return step, restored.state
 
 
 @pytest.fixture(scope="module")
@@ -109,13 +91,13 @@ def test_sigterm_then_resume_gives_the_uninterrupted_parameters_bit_for_bit(env,
     assert "stopped by signal 15" in err and "Traceback" not in err
     # stderr is a pipe: progress comes as plain lines (6 steps of 8 images, each past a tenth), no redrawn bar
     assert "epoch 1/3: 8/48 img (17%), loss " in err and "epoch 1/3: 48/48 img (100%)" in err and "\r" not in err
-    killed_at, _ = final_params(workdir)
+    killed_at, _ = job_runs.latest_checkpoint(workdir)
     assert 6 <= killed_at < 18
 
     rc, out, _ = run_main(["--resume", "--workdir", str(workdir)], capsys)
     assert rc == 0 and f"resumed from step {killed_at}" in out
-    step, resumed = final_params(workdir)
-    ref_step, reference = final_params(reference_dir)
+    step, resumed = job_runs.latest_checkpoint(workdir)
+    ref_step, reference = job_runs.latest_checkpoint(reference_dir)
     assert step == ref_step == 18
     flat_resumed, flat_reference = jax.tree.leaves(resumed), jax.tree.leaves(reference)
     assert len(flat_resumed) == len(flat_reference)
@@ -168,7 +150,7 @@ def test_checkpoint_written_on_two_devices_resumes_on_one(env, capsys):
     assert jax.device_count() == 1
     rc, out, _ = run_main(["--resume", "--workdir", str(workdir)], capsys)
     assert rc == 0 and f"resumed from step {killed_at}" in out and "mesh data=1" in out
-    step, resumed = final_params(workdir)
+    step, resumed = job_runs.latest_checkpoint(workdir)
     assert step == 18 and out.strip().splitlines()[-1].startswith("test_accuracy=")
     # Only finiteness is asserted: 2 devices sum the batch in another order, and over the 12 steps that follow,
     # with BatchNorm on batches of 8, that rounding grows to differences of order 0.1 (measured); one step's

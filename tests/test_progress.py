@@ -74,3 +74,12 @@ def test_only_the_lead_process_shows_progress():
     with progress.bar(100, desc="epoch 1/3", file=out, disable=True) as shown:
         shown.update(100, loss=0.5)
     assert out.getvalue() == ""
+
+
+def test_an_evaluation_shows_its_progress_without_a_loss():
+    clock = Clock()
+    shown, out = lines(1000, clock=clock)
+    for _ in range(10):
+        clock.now += 1.0
+        shown.update(100)
+    assert out.getvalue().splitlines()[0] == "epoch 1/7: 100/1,000 img (10%), 100.0 img/s"

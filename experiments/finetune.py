@@ -1,0 +1,448 @@
+"""Fine-tune or evaluate GoogLeNet on any image dataset: `python -m experiments.finetune --help`.
+
+Trains torchvision's GoogLeNet on an image folder (`--data folder:DIR`, torchvision's ImageFolder layout) or a
+prepared TFDS dataset (`--data tfds:NAME`): from scratch, or warm-started from torchvision's ImageNet weights
+(`--init googlenet-1378be20.pth`, or a checkpoint written by `python -m convert` or by this job) with fresh heads
+for the dataset's classes. Modes: full fine-tuning (default), a smaller learning rate for the backbone than for
+the heads (`--backbone-lr-scale 0.1`), or a linear probe (`--freeze-backbone`: only the classifier trains, the
+backbone runs in inference mode with its running statistics). The recipe is torchvision's reference one:
+SGD momentum 0.9, linear warmup then cosine decay, weight decay 1e-4, RandomResizedCrop 224 and flips for
+training, Resize 256 and CenterCrop 224 for evaluation (decoded and resized on the host in grain's worker
+processes, normalised on the device); `--label-smoothing 0.1` is optional.
+
+`--evaluate WEIGHTS` only evaluates a .pth or a checkpoint directory on the dataset's held-out images and prints
+top-1 / top-5, e.g. torchvision's ImageNet weights on an ImageNet validation folder (the synset layout) or on
+`tfds:imagenet2012` / `tfds:imagenet_v2`.
+
+The job writes to `--workdir`: config.json, metrics.jsonl (one line per epoch: train loss and accuracy, test
+loss, top-1 and top-5), curves.png, evaluation.json (per-class accuracy and the confusion matrix of the latest
+evaluation), confusion.png, orbax checkpoints (every epoch and on SIGINT/SIGTERM; `--resume` continues from
+the latest), and at the end model/ (the trained network, for --evaluate and --init; jax_googlenet.checkpoint.
+load_model reads it). Bad input: one line on stderr, exit status 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from experiments import loop, progress
+from experiments.loop import UsageError
+from jax_googlenet import distributed, imagenet, images, pipeline, train
+from jax_googlenet.checkpoint import save_model
+from jax_googlenet.model import accepted_sides, googlenet
+from jax_googlenet.ops import resolve_impl
+
+# The flat config: torchvision's reference recipe (references/classification/train.py) at a fine-tuning
+# learning rate for batch 32; warmup_epochs: linear warmup before the cosine decay; weight_decay: coupled L2.
+DEFAULTS = dict(
+    variant="torchvision", aux_logits=True, loss_mode="paper", image_size=224, resize_size=None, batch_size=32,
+    epochs=10, lr=0.01, momentum=0.9, nesterov=False, schedule="cosine", warmup_epochs=1.0, weight_decay=1e-4,
+    label_smoothing=0.0, backbone_lr_scale=1.0, freeze_backbone=False, crop_scale=0.08, hflip=0.5, init=None,
+    seed=0, dtype="float32", data=None, data_dir=None, val_fraction=None, val_split=None, bad_images="skip")
+# Flags that are config fields (None: not given); FREE ones may change on --resume.
+CONFIG_FLAGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing",
+                "backbone_lr_scale", "image_size", "resize_size", "crop_scale", "hflip", "init", "seed", "dtype",
+                "data", "data_dir", "val_fraction", "val_split", "bad_images")
+FREE = ("data", "data_dir", "bad_images")
+
+
+def parse_args(argv):
+    p = loop.Parser(prog="python -m experiments.finetune", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help="folder:DIR (one subfolder per class; DIR/train and DIR/val, or DIR with --val-fraction) "
+                   "or tfds:NAME (a TFDS image-classification dataset prepared as array_record; never downloaded)")
+    p.add_argument("--data-dir", default=None, help="TFDS data directory (default: TFDS's, ~/tensorflow_datasets)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="hold out this seeded fraction of the training images (default: the dataset's own "
+                   "held-out split, else 0.1)")
+    p.add_argument("--val-split", default=None,
+                   help="TFDS split to evaluate on (default: validation if the dataset has it, else test)")
+    p.add_argument("--init", default=None, metavar="WEIGHTS",
+                   help="warm-start from a torchvision GoogLeNet .pth or a checkpoint directory (python -m convert, "
+                   "or this job's model/); the heads are fresh for the dataset's classes (default: from scratch)")
+    p.add_argument("--freeze-backbone", action="store_true", default=None,
+                   help="linear probe: train the classifier fc alone, the backbone frozen in inference mode")
+    p.add_argument("--backbone-lr-scale", type=float, default=None,
+                   help="the backbone's learning rate as a fraction of the heads' (default 1)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 10)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch size (default 32; split over devices and processes)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate of SGD (default 0.01)")
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=None, help="coupled L2 weight decay (default 1e-4)")
+    p.add_argument("--warmup-epochs", type=float, default=None,
+                   help="linear warmup before the cosine decay (default 1)")
+    p.add_argument("--label-smoothing", type=float, default=None, help="label smoothing (default 0)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="side of the training crops and evaluation crops (default 224)")
+    p.add_argument("--resize-size", type=int, default=None,
+                   help="shorter side images are resized to before the evaluation's centre crop "
+                   "(default: 256/224 of --image-size)")
+    p.add_argument("--crop-scale", type=float, default=None, metavar="MIN",
+                   help="RandomResizedCrop's smallest crop as a fraction of the image's area (default 0.08, "
+                   "torchvision's; larger for images whose class a small part does not show, e.g. digits)")
+    p.add_argument("--hflip", type=float, default=None, metavar="P",
+                   help="probability of a horizontal flip in training (default 0.5; 0 for text or digits)")
+    p.add_argument("--no-aux", dest="aux_logits", action="store_false", default=None,
+                   help="no auxiliary heads (default: with them, the paper's loss CE + 0.3 (CE aux1 + CE aux2))")
+    p.add_argument("--bad-images", choices=("skip", "stop"), default=None,
+                   help="an image that cannot be read: report it once and skip it (default), or stop the run")
+    p.add_argument("--workers", type=int, default=None,
+                   help="grain worker processes decoding and resizing images (default: half the CPU cores, "
+                   "at least 1; 0: threads of the main process)")
+    p.add_argument("--evaluate", default=None, metavar="WEIGHTS",
+                   help="only evaluate WEIGHTS (a .pth or a checkpoint directory) on --data's held-out images "
+                   "and print top-1 / top-5")
+    p.add_argument("--seed", type=int, default=None, help="seed of initialisation, held-out split, data order, "
+                   "augmentation and dropout (default 0)")
+    loop.add_run_flags(p, "finetune")
+    args = p.parse_args(argv)
+    loop.check_run_flags(args, positive=("epochs", "batch_size", "image_size", "resize_size"))
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be at least 0, got {args.workers}")
+    if args.label_smoothing is not None and not 0 <= args.label_smoothing < 1:
+        raise UsageError(f"--label-smoothing {args.label_smoothing:g}: choose a value in [0, 1)")
+    if args.crop_scale is not None and not 0 < args.crop_scale <= 1:
+        raise UsageError(f"--crop-scale {args.crop_scale:g}: choose a fraction in (0, 1]")
+    if args.hflip is not None and not 0 <= args.hflip <= 1:
+        raise UsageError(f"--hflip {args.hflip:g}: choose a probability in [0, 1]")
+    if args.backbone_lr_scale is not None and args.backbone_lr_scale < 0:
+        raise UsageError(f"--backbone-lr-scale must be at least 0, got {args.backbone_lr_scale:g}")
+    for flag, path in (("--init", args.init), ("--evaluate", args.evaluate)):
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"{flag} {path}: no such file or directory")
+    if args.data is None and not args.resume:
+        raise UsageError("--data is required: folder:DIR or tfds:NAME")
+    if args.evaluate and args.resume:
+        raise UsageError("--evaluate evaluates weights as they are; drop --resume")
+    return args
+
+
+def make_config(args, stored: dict | None) -> dict:
+    """The run's flat config: the defaults, then the given flags; on --resume the stored one, which given flags
+    must agree with (but for the data's location and --bad-images)."""
+    given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
+    for key in ("aux_logits", "freeze_backbone"):
+        if getattr(args, key) is not None:
+            given[key] = getattr(args, key)
+    if stored is not None:
+        return loop.resume_config(stored, given, args.workdir, free=FREE)
+    cfg = {**DEFAULTS, **given}
+    if cfg["resize_size"] is None:
+        cfg["resize_size"] = round(cfg["image_size"] * 256 / 224)
+    return cfg
+
+
+def workers(args) -> int:
+    """--workers, or half the CPU cores (at least 1), printed."""
+    if args.workers is not None:
+        return args.workers
+    chosen = max(1, (os.cpu_count() or 2) // 2)
+    print(f"data workers: {chosen} grain worker process{'es' if chosen > 1 else ''} (half the {os.cpu_count()} "
+          f"CPU cores; --workers chooses)", flush=True)
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------- set up
+
+
+def run(args) -> float:
+    """Train and evaluate; returns the final top-1 accuracy."""
+    job = set_up(args)
+    try:
+        accuracy = loop.train_and_evaluate(job)
+    finally:  # also on a signal's exit
+        job.train_batches.close()
+    save_final_model(job)
+    return accuracy
+
+
+def set_up(args) -> loop.Job:
+    """Set up or restore: the config, mesh, data, state and steps of the run in --workdir."""
+    loop.start_process(args.coordinator, args.num_processes, args.process_id,
+                       compile_cache=not args.no_compile_cache)
+    workdir, stored = loop.open_workdir(args.workdir, args.resume)
+    cfg = make_config(args, stored)
+    check_sizes(cfg)
+    dataset = load_data(cfg)
+    if stored is not None and dataset.classes != cfg["classes"]:
+        raise UsageError(f"--resume: the run in {args.workdir} was trained on {len(cfg['classes'])} classes "
+                         f"({', '.join(cfg['classes'][:3])} ...), --data {cfg['data']} has {len(dataset.classes)} "
+                         f"({', '.join(dataset.classes[:3])} ...)")
+    cfg["classes"] = dataset.classes
+    if len(dataset.train) < cfg["batch_size"]:
+        raise UsageError(f"--batch-size {cfg['batch_size']} is larger than the {len(dataset.train)} training "
+                         f"images")
+    workdir = workdir or loop.new_workdir("finetune")
+    mesh = loop.make_mesh(args.devices, cfg["batch_size"])
+    steps_per_epoch = pipeline.steps_per_epoch(len(dataset.train), cfg["batch_size"])
+
+    init_rng, dropout_rng = jax.random.split(jax.random.key(cfg["seed"]))
+    lead = jax.process_index() == 0
+    state, cfg["transform_input"] = create_state(cfg, init_rng, steps_per_epoch,
+                                                 init=None if args.resume else cfg["init"], lead=lead,
+                                                 stored=stored)
+    train_step, eval_step = make_steps(cfg, dropout_rng, mesh)
+    train_batches, eval_batches = make_batches(cfg, dataset, steps_per_epoch, workers(args))
+    print(f"transforms: train RandomResizedCrop({cfg['image_size']}, scale=({cfg['crop_scale']:g}, 1)) + "
+          f"horizontal flip p={cfg['hflip']:g}, eval Resize({cfg['resize_size']}) + CenterCrop({cfg['image_size']}) "
+          f"(torchvision's, on the host)", flush=True)
+    job = loop.Job(cfg=cfg, workdir=workdir, mesh=mesh, state=distributed.replicate(state, mesh),
+                   steps_per_epoch=steps_per_epoch, train_step=train_step, eval_step=eval_step,
+                   train_batches=train_batches, eval_batches=eval_batches, lead=lead,
+                   write_details=functools.partial(write_evaluation, classes=dataset.classes))
+    loop.restore_or_start(job, args.resume)
+    return job
+
+
+def check_sizes(cfg: dict) -> None:
+    """The network accepts the crops, and the evaluation's resize leaves room for its centre crop."""
+    lo, _ = accepted_sides(cfg["variant"], cfg["aux_logits"])
+    if cfg["image_size"] < lo:
+        raise UsageError(f"--image-size {cfg['image_size']}: torchvision's GoogLeNet accepts {lo} and up")
+    if cfg["resize_size"] < cfg["image_size"]:
+        raise UsageError(f"--resize-size {cfg['resize_size']} is smaller than --image-size {cfg['image_size']}; "
+                         f"the centre crop needs a resize of at least the crop")
+
+
+def load_data(cfg: dict, *, evaluate_only: bool = False) -> images.ImageDataset:
+    """The dataset of `cfg["data"]` (printed), its errors as usage errors."""
+    try:
+        dataset = images.load(cfg["data"], data_dir=cfg["data_dir"], val_fraction=cfg["val_fraction"],
+                              val_split=cfg["val_split"], seed=cfg["seed"], evaluate_only=evaluate_only)
+    except images.DataError as e:
+        raise UsageError(str(e)) from None
+    print(f"dataset: {dataset.name}", flush=True)
+    return dataset
+
+
+def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead: bool, stored: dict | None):
+    """(train state, transform_input): the model for the dataset's classes (its line printed), the optimizer
+    of the chosen mode, the weights from `init` when given (heads fresh)."""
+    if stored is not None:
+        transform_input, origin = stored["transform_input"], "resumed"
+    elif init is not None:
+        from convert import read_pretrained
+
+        # torchvision builds its pretrained GoogLeNet with transform_input=True: those weights expect it.
+        source, _ = _read_init(init, read_pretrained, init)
+        transform_input, origin = (True if source is None else source.transform_input), f"from {init}"
+    else:
+        transform_input, origin = False, "from scratch"
+    model = googlenet(cfg["variant"], num_classes=len(cfg["classes"]), aux_logits=cfg["aux_logits"],
+                      transform_input=transform_input, dtype=jax.numpy.dtype(cfg["dtype"]))
+    if lead:
+        mode = ("linear probe (fc alone; the backbone frozen, in inference mode)" if cfg["freeze_backbone"] else
+                f"fine-tuning (backbone learning rate x{cfg['backbone_lr_scale']:g})")
+        print(f"model: torchvision GoogLeNet, {len(cfg['classes'])} classes, {cfg['dtype']}, transform_input="
+              f"{transform_input}, {origin}; {mode}; convolutions and pools: {resolve_impl(model.impl)} (chosen "
+              f"for the {jax.default_backend()} backend)", flush=True)
+    tx = train.make_optimizer(cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
+                              weight_decay=cfg["weight_decay"], schedule=cfg["schedule"],
+                              total_steps=steps_per_epoch * cfg["epochs"],
+                              warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch),
+                              backbone_lr_scale=cfg["backbone_lr_scale"], freeze_backbone=cfg["freeze_backbone"])
+    size = cfg["image_size"]
+    state = train.create_train_state(rng, model, (1, size, size, 3), tx)
+    if init is not None:
+        # The heads start fresh for the dataset's classes, whatever their number.
+        state = _read_init(init, functools.partial(loop.warm_start, fresh=train.HEADS), init, model, state)
+    return state, transform_input
+
+
+def _read_init(init: str, fn, *args):
+    """`fn(*args)` reading --init's weights, their errors (not a state dict, another architecture, nothing to
+    transfer) as usage errors."""
+    try:
+        return fn(*args)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--init {init}: {str(e).splitlines()[0]}") from None
+
+
+def make_steps(cfg: dict, dropout_rng, mesh):
+    """The jitted train (or linear-probe) and eval steps on uint8 crops, normalised on the device."""
+    kw = dict(preprocess=imagenet.normalize, label_smoothing=cfg["label_smoothing"])
+    if cfg["freeze_backbone"]:
+        train_fn = functools.partial(train.probe_step, **kw)
+    else:
+        train_fn = functools.partial(train.train_step, loss_mode=cfg["loss_mode"], **kw)
+    eval_fn = functools.partial(train.eval_step, preprocess=imagenet.normalize, num_classes=len(cfg["classes"]))
+    return loop.jit_steps(lambda state, batch: train_fn(state, batch, dropout_rng), eval_fn, mesh)
+
+
+def make_batches(cfg: dict, dataset, steps_per_epoch: int, num_workers: int):
+    """(train_batches(epoch, start), eval_batches()) for the loop: host transforms in grain's workers,
+    unreadable images reported once and skipped (or stopping the run)."""
+    size, stop = cfg["image_size"], cfg["bad_images"] == "stop"
+    train_checked = images.BadImages(dataset.train, stop=stop)
+    val_checked = images.BadImages(dataset.val, stop=stop)
+
+    def stream(start_step):
+        return pipeline.train_batches(
+            dataset.train, global_batch=cfg["batch_size"], seed=cfg["seed"], start_step=start_step,
+            stop_step=steps_per_epoch * cfg["epochs"], workers=num_workers,
+            random_transform=functools.partial(images.train_transform, size=size, scale=(cfg["crop_scale"], 1.0),
+                                               hflip=cfg["hflip"]))
+
+    def eval_batches():
+        transform = functools.partial(images.eval_transform, size=size, resize_to=cfg["resize_size"])
+        return val_checked(pipeline.eval_batches(dataset.val, global_batch=cfg["batch_size"], transform=transform,
+                                                 blank=images.blank(size), workers=num_workers))
+
+    return EpochsOfOneStream(stream, steps_per_epoch, train_checked), eval_batches
+
+
+class EpochsOfOneStream:
+    """The loop's `train_batches(epoch, start)` served from one grain iterator over the rest of the run, so
+    its worker processes start once, not every epoch."""
+
+    def __init__(self, stream, steps_per_epoch: int, check):
+        self.stream, self.steps_per_epoch, self.check = stream, steps_per_epoch, check
+        self.batches, self.next_step = None, None
+
+    def __call__(self, epoch: int, start: int):
+        step = epoch * self.steps_per_epoch + start
+        if self.batches is None or step != self.next_step:
+            self.batches = self.check(iter(self.stream(step)))
+        self.next_step = (epoch + 1) * self.steps_per_epoch
+        return itertools.islice(self.batches, self.steps_per_epoch - start)
+
+    def close(self) -> None:
+        """Stop the worker processes. Left to the interpreter's exit, grain's shared-memory buffers outlive the
+        modules that free them and each prints an error."""
+        self.batches = None
+        gc.collect()  # the iterator sits in reference cycles
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+
+def per_class_accuracy(confusion, classes: list[str]) -> list[dict]:
+    """[{"class", "count", "accuracy"}] from a [true, predicted] confusion matrix; accuracy None without
+    examples."""
+    counts = np.asarray(confusion).sum(axis=1)
+    right = np.diag(np.asarray(confusion))
+    return [{"class": name, "count": int(n), "accuracy": float(r / n) if n else None}
+            for name, n, r in zip(classes, counts, right)]
+
+
+def write_evaluation(directory: Path, metrics: dict, details: dict, *, classes: list[str]) -> None:
+    """evaluation.json (top-1, top-5, per-class accuracy, the confusion matrix) and confusion.png."""
+    confusion = details["confusion"]
+    record = {"top1": metrics["test_accuracy"], "top5": metrics["test_top5_accuracy"],
+              "count": metrics["test_count"], "per_class": per_class_accuracy(confusion, classes),
+              "confusion": [[int(x) for x in row] for row in confusion]}
+    loop.write_atomic(directory / "evaluation.json", json.dumps(record).encode())
+    plot_confusion(confusion, classes, directory / "confusion.png",
+                   title=f"top-1 {metrics['test_accuracy']:.4f}, {metrics['test_count']:,} images")
+
+
+def plot_confusion(confusion, classes: list[str], path: Path, *, title: str) -> None:
+    """Each true class's row as fractions of its images (the diagonal is its accuracy), as a PNG; class names
+    on the axes up to 30 classes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    confusion = np.asarray(confusion, float)
+    rows = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    side = min(12, 4 + 0.3 * len(classes))
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    shown = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(shown, ax=ax, fraction=0.046, label="fraction of the true class")
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    if len(classes) <= 30:
+        ax.set_xticks(range(len(classes)), classes, rotation=90)
+        ax.set_yticks(range(len(classes)), classes)
+    loop.write_png(fig, path)
+
+
+def save_final_model(job: loop.Job) -> None:
+    """model/: the trained network as `python -m convert` writes one, for --evaluate and --init."""
+    path = job.workdir / "model"
+    if path.exists():  # a run resumed after it had finished
+        print(f"{path} exists already; left as it is", flush=True)
+        return
+    cfg = job.cfg
+    variables = jax.device_get({"params": job.state.params, "batch_stats": job.state.batch_stats})
+    save_model(path, variables, {"variant": cfg["variant"], "num_classes": len(cfg["classes"]), "in_channels": 3,
+                                 "aux_logits": cfg["aux_logits"], "transform_input": cfg["transform_input"]})
+    print(f"wrote {path}: the trained model (--evaluate {path}, --init {path})", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- evaluate only
+
+
+def evaluate_only(args) -> dict:
+    """Top-1 / top-5 (and per-class accuracy) of --evaluate's weights on --data's held-out images; with
+    --workdir also evaluation.json and confusion.png there."""
+    loop.start_process(args.coordinator, args.num_processes, args.process_id,
+                       compile_cache=not args.no_compile_cache)
+    cfg = make_config(args, None)
+    check_sizes(cfg)
+    workdir = Path(args.workdir) if args.workdir else None
+    if workdir is not None and workdir.exists() and any(workdir.iterdir()):
+        raise UsageError(f"--workdir {workdir} is not empty; choose a new directory for the evaluation")
+    dataset = load_data(cfg, evaluate_only=True)
+    try:
+        from convert import load_weights
+
+        model, variables = load_weights(args.evaluate)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--evaluate {args.evaluate}: {str(e).splitlines()[0]}") from None
+    if model.num_classes != len(dataset.classes):
+        raise UsageError(f"--evaluate {args.evaluate}: a {model.num_classes}-class model, but --data {cfg['data']} "
+                         f"has {len(dataset.classes)} classes")
+    mesh = loop.make_mesh(args.devices, cfg["batch_size"])
+    state = train.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=train.make_optimizer(0.0),
+                                    batch_stats=variables.get("batch_stats", {}))
+    eval_fn = functools.partial(train.eval_step, preprocess=imagenet.normalize, num_classes=model.num_classes)
+    eval_step = loop.jit_eval_step(eval_fn, mesh)
+    _, eval_batches = make_batches(cfg, dataset, 0, workers(args))
+    print(f"transform: Resize({cfg['resize_size']}) + CenterCrop({cfg['image_size']}) (torchvision's, on the "
+          f"host)", flush=True)
+    lead = jax.process_index() == 0
+    with progress.bar(len(dataset.val), desc="evaluating", disable=not lead) as shown:
+        metrics, details = loop.evaluate_batches(eval_step, distributed.replicate(state, mesh),
+                                                 counted(eval_batches(), shown), mesh)
+    if workdir is not None and lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_evaluation(workdir, metrics, details, classes=dataset.classes)
+        print(f"wrote {workdir}: evaluation.json, confusion.png", flush=True)
+    return metrics
+
+
+def counted(batches, shown):
+    """`batches`, each counted on `shown` (its real rows, over all processes) as it is read."""
+    for batch in batches:
+        yield batch
+        shown.update(int(batch["mask"].sum()) * jax.process_count())
+
+
+def main(argv=None) -> int:
+    # images.DataError: an unreadable image with --bad-images stop
+    return loop.run_cli(lambda: work(parse_args(argv)), bad_input=(images.DataError,))
+
+
+def work(args) -> str:
+    """The run or the evaluation; its result line."""
+    if args.evaluate:
+        m = evaluate_only(args)
+        return f"top1={m['test_accuracy']:.4f} top5={m['test_top5_accuracy']:.4f} ({m['test_count']:,} images)"
+    return f"test_accuracy={run(args):.4f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Image-folder and TFDS sources and the host transforms (jax_googlenet.images) against torchvision's own
+ImageFolder, transforms and RandomResizedCrop.get_params; the grain pipelines over them (jax_googlenet.pipeline)."""
+
+import math
+from unittest import mock
+
+import numpy as np
+import pytest
+import skimage.data
+import tensorflow_datasets as tfds
+import torch
+import torchvision
+import torchvision.transforms as T
+import torchvision.transforms.functional as F
+from PIL import Image
+
+from jax_googlenet import images, pipeline
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "rocket")  # camera is grey
+
+
+def photo(name):
+    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+
+
+def write_folder(root, classes, per_class=3, side=20):
+    """PNG squares of a colour per class, sides varying around `side`."""
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            image = np.full((side + k, side + 2 * k, 3), 40 * (c + 1) % 256, np.uint8)
+            Image.fromarray(image).save(root / name / f"{k}.png")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------- transforms
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+@pytest.mark.parametrize("resize_to, size", [(256, 224), (37, 32)])
+def test_eval_transform_is_torchvisions_resize_and_center_crop_bit_for_bit(name, resize_to, size):
+    image = photo(name)
+    ref = np.asarray(T.Compose([T.Resize(resize_to), T.CenterCrop(size)])(image))
+    ours = images.eval_transform({"image": image, "label": 0, "index": 0}, size=size, resize_to=resize_to)
+    assert ours["image"].dtype == np.uint8 and ours["image"].shape == (size, size, 3)
+    np.testing.assert_array_equal(ours["image"], ref)
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_random_resized_crop_of_a_box_is_torchvisions_resized_crop_bit_for_bit(name):
+    image = photo(name)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        top, left, h, w = images.random_resized_crop_box(image.height, image.width, rng)
+        ref = np.asarray(F.resized_crop(image, top, left, h, w, [224, 224], T.InterpolationMode.BILINEAR))
+        box = iter([top, left, h, w])
+        with mock.patch.object(images, "random_resized_crop_box", lambda *a: (next(box), next(box), next(box),
+                                                                               next(box))):
+            ours = np.asarray(images.random_resized_crop(image, 224, rng))
+        np.testing.assert_array_equal(ours, ref)
+
+
+def test_train_transform_flips_half_the_time_as_torchvisions_hflip():
+    image = photo("chelsea")
+    record = {"image": image, "label": 3, "index": 0}
+    flips = 0
+    for seed in range(40):
+        out = images.train_transform(record, np.random.default_rng(seed), size=64)["image"]
+        unflipped = np.asarray(images.random_resized_crop(image, 64, np.random.default_rng(seed)))
+        if not np.array_equal(out, unflipped):
+            np.testing.assert_array_equal(out, np.asarray(F.hflip(Image.fromarray(unflipped))))
+            flips += 1
+    assert 10 <= flips <= 30  # binomial(40, 1/2): outside this range with probability 0.002
+
+
+class Replay:
+    """Feeds the same unit draws to our sampler (as a numpy Generator) and to torchvision's (as torch)."""
+
+    def __init__(self, units):
+        self.units = list(units)
+
+    def uniform(self, lo, hi):
+        return lo + self.units.pop(0) * (hi - lo)
+
+    def integers(self, lo, hi):
+        return lo + int(self.units.pop(0) * (hi - lo))
+
+
+def torchvision_box(height, width, units):
+    """torchvision's get_params with torch.empty(1).uniform_ and torch.randint drawing from `units`."""
+    replay = Replay(units)
+
+    class Empty:
+        def uniform_(self, lo, hi):
+            return torch.tensor([replay.uniform(float(lo), float(hi))], dtype=torch.float64)
+
+    def randint(lo, hi, size):
+        return torch.tensor([replay.integers(lo, hi)])
+
+    with mock.patch.object(torch, "empty", lambda *a, **k: Empty()), mock.patch.object(torch, "randint", randint):
+        return T.RandomResizedCrop.get_params(torch.zeros(3, height, width), [0.08, 1.0], [3 / 4, 4 / 3])
+
+
+@pytest.mark.parametrize("height, width, thin", [(224, 224, False), (300, 451, False), (15, 15, False),
+                                                  (20, 400, True), (500, 14, True)])
+def test_random_resized_crop_box_follows_torchvisions_get_params_draw_for_draw(height, width, thin):
+    """Same draws, same boxes: the 10 attempts, the acceptance test and the centre-crop fallback, which the thin
+    images reach often (a fallback uses the 20 draws of the attempts and no position draw)."""
+    rng = np.random.default_rng(1)
+    fallbacks = 0
+    for _ in range(100):
+        units = rng.random(2 * images.ATTEMPTS + 2)
+        replay = Replay(units)
+        assert images.random_resized_crop_box(height, width, replay) == torchvision_box(height, width, units)
+        fallbacks += len(replay.units) == 2
+    assert (fallbacks > 10) if thin else (fallbacks < 2)
+
+
+@pytest.mark.parametrize("height, width", [(300, 451), (40, 400)])
+def test_random_resized_crop_boxes_have_torchvisions_statistics(height, width):
+    """Our numpy draws against torchvision's own torch RNG, 2,000 boxes each: the mean area fraction, log aspect
+    ratio, share of whole-height boxes and top offset agree within 5 standard errors."""
+    n = 2000
+    rng = np.random.default_rng(0)
+    ours = np.array([images.random_resized_crop_box(height, width, rng) for _ in range(n)], float)
+    torch.manual_seed(0)
+    image = torch.zeros(3, height, width)
+    ref = np.array([T.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)], float)
+    for stat in (lambda b: b[:, 2] * b[:, 3] / (height * width), lambda b: np.log(b[:, 3] / b[:, 2]),
+                 lambda b: (b[:, 2] == height).astype(float), lambda b: b[:, 0] / height):
+        a, r = stat(ours), stat(ref)
+        se = math.sqrt(a.var() / n + r.var() / n) + 1e-12
+        assert abs(a.mean() - r.mean()) < 5 * se
+
+
+# ----------------------------------------------------------------------------------------------- folders
+
+
+def test_folder_listing_is_torchvisions_imagefolder(tmp_path):
+    root = write_folder(tmp_path / "data", ["dog", "cat", "ant"])
+    (root / "cat" / "nested").mkdir()
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "cat" / "nested" / "grey.JPG", format="JPEG")
+    (root / "dog" / "notes.txt").write_text("not an image")
+    classes, paths, labels = images.list_folder(root)
+    ref = torchvision.datasets.ImageFolder(root)
+    assert classes == ref.classes == ["ant", "cat", "dog"]
+    assert list(zip(paths, labels)) == ref.samples
+
+
+def test_folder_with_train_and_val_labels_val_by_the_training_classes(tmp_path):
+    write_folder(tmp_path / "train", ["a", "b", "c"])
+    write_folder(tmp_path / "val", ["a", "c"], per_class=2)
+    ds = images.load(f"folder:{tmp_path}")
+    assert ds.classes == ["a", "b", "c"] and len(ds.train) == 9 and len(ds.val) == 4
+    assert sorted({int(ds.val[i]["label"]) for i in range(4)}) == [0, 2]
+    record = ds.val[0]
+    assert record["image"].mode == "RGB" and record["index"] == 0
+
+
+def test_held_out_fraction_is_seeded_disjoint_and_printed(tmp_path, capsys):
+    root = write_folder(tmp_path / "data", ["a", "b"], per_class=10)
+    ds = images.load(f"folder:{root}", seed=3)
+    assert "holding out 0.1 of it (--val-fraction 0.1, --seed 3)" in capsys.readouterr().out
+    train = {ds.train.describe(i) for i in range(len(ds.train))}
+    val = {ds.val.describe(i) for i in range(len(ds.val))}
+    assert len(val) == 2 and len(train) == 18 and not train & val
+    again = images.load(f"folder:{root}", seed=3, val_fraction=0.1)
+    assert {again.val.describe(i) for i in range(len(again.val))} == val
+    other = images.load(f"folder:{root}", seed=4, val_fraction=0.5)
+    assert len(other.val) == 10 and other.val[0]["index"] == 0
+
+
+def test_evaluation_only_reads_the_val_folder_or_the_folder_itself(tmp_path):
+    root = write_folder(tmp_path / "imagenet" / "val", ["n01440764", "n01443537"])
+    ds = images.load(f"folder:{tmp_path / 'imagenet'}", evaluate_only=True)
+    assert ds.train is None and len(ds.val) == 6 and ds.classes == ["n01440764", "n01443537"]
+    assert len(images.load(f"folder:{root}", evaluate_only=True).val) == 6
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: None, "no such directory"),
+    (lambda root: root.mkdir(), "holds no class folders; expected torchvision's ImageFolder layout"),
+    (lambda root: write_folder(root, ["only"]), r"has 1 class \(only\); a classifier needs at least 2"),
+    (lambda root: (write_folder(root, ["a", "b"]), (root / "c").mkdir()), "class folders without images: c"),
+    (lambda root: (write_folder(root / "train", ["a", "b"]), write_folder(root / "val", ["a", "z"])),
+     "has classes the training images lack: z"),
+])
+def test_bad_folders_are_one_line_errors(tmp_path, make, message):
+    root = tmp_path / "data"
+    make(root)
+    with pytest.raises(images.DataError, match=message):
+        images.load(f"folder:{root}")
+
+
+def test_unknown_source_and_bad_fraction_name_what_to_do(tmp_path):
+    with pytest.raises(images.DataError, match="choose one of folder:DIR, tfds:NAME"):
+        images.load(str(tmp_path))
+    write_folder(tmp_path / "d", ["a", "b"])
+    with pytest.raises(images.DataError, match="holds out 0; choose a fraction"):
+        images.load(f"folder:{tmp_path / 'd'}", val_fraction=0.01)
+
+
+# ----------------------------------------------------------------------------------------------- tfds
+
+
+def test_tfds_mock_rgb_and_grey_datasets_become_rgb_with_their_class_names(capsys):
+    with tfds.testing.mock_data(num_examples=6):
+        cifar = images.load("tfds:cifar10")
+        mnist = images.load("tfds:mnist", val_fraction=0.5)
+        assert "evaluating on its 'validation' split" in capsys.readouterr().out
+        assert len(cifar.classes) == 10 and len(cifar.train) == 6
+        assert cifar.val.describe(0) == "tfds:cifar10 validation[0]"
+        for ds, side in ((cifar, 32), (mnist, 28)):
+            record = ds.train[0]
+            assert record["image"].mode == "RGB" and record["image"].size == (side, side)
+        grey = np.asarray(mnist.train[0]["image"])
+        np.testing.assert_array_equal(grey[..., 0], grey[..., 2])
+        assert len(mnist.train) == 3 and len(mnist.val) == 3
+
+
+def test_tfds_not_prepared_is_one_line_without_a_download(tmp_path):
+    with pytest.raises(images.DataError, match="is not prepared as array_record in .*tfds build cifar10"):
+        images.load("tfds:cifar10", data_dir=str(tmp_path))
+    with pytest.raises(images.DataError, match="TFDS has no dataset of that name"):
+        images.load("tfds:no_such_dataset", data_dir=str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------- pipelines
+
+
+@pytest.fixture(scope="module")
+def folder_source(tmp_path_factory):
+    root = write_folder(tmp_path_factory.mktemp("pipe") / "data", ["a", "b", "c"], per_class=7)
+    classes, paths, labels = images.list_folder(root)
+    return images.FolderSource(paths, labels)
+
+
+def crops(source, start, stop, seed=0, workers=0):
+    train = lambda r, rng: images.train_transform(r, rng, size=16)  # noqa: E731
+    return [b for b in pipeline.train_batches(source, global_batch=4, seed=seed, start_step=start, stop_step=stop,
+                                              random_transform=train, workers=workers)]
+
+
+def test_random_crops_are_a_function_of_seed_and_step_so_resume_reads_the_same(folder_source):
+    run = crops(folder_source, 0, 10)  # 21 images, 5 steps an epoch: two epochs
+    assert len(run) == 10 and run[0]["image"].shape == (4, 16, 16, 3) and run[0]["mask"].all()
+    resumed = crops(folder_source, 7, 10)
+    for a, b in zip(run[7:], resumed):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    assert not np.array_equal(run[0]["image"], crops(folder_source, 0, 1, seed=1)[0]["image"])
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_batches_threads_give(folder_source):
+    for a, b in zip(crops(folder_source, 3, 6), crops(folder_source, 3, 6, workers=1)):
+        for key in ("image", "label", "mask", "bad"):
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_an_unreadable_image_is_reported_once_and_skipped_or_stops(tmp_path, capsys):
+    root = write_folder(tmp_path / "data", ["a", "b"], per_class=4)
+    (root / "b" / "1.png").write_bytes((root / "b" / "1.png").read_bytes()[:60])  # truncated
+    _, paths, labels = images.list_folder(root)
+    source = images.FolderSource(paths, labels)
+    evaluate = lambda r: images.eval_transform(r, size=16, resize_to=18)  # noqa: E731
+    batches = lambda: pipeline.eval_batches(source, global_batch=3, transform=evaluate,  # noqa: E731
+                                            blank=images.blank(16))
+    skip = images.BadImages(source, stop=False)
+    for _ in range(2):  # two passes, one report
+        rows = [b for b in skip(batches())]
+    err = capsys.readouterr().err
+    assert err.count("cannot read the image") == 1 and f"{root / 'b' / '1.png'}: cannot read" in err
+    mask = np.concatenate([b["mask"] for b in rows])
+    assert mask.sum() == 7 and len(mask) == 9 and "bad" not in rows[0]
+    with pytest.raises(images.DataError, match=r"1\.png: cannot read the image .*pass --bad-images skip"):
+        list(images.BadImages(source, stop=True)(batches()))
