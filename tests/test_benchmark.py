@@ -33,6 +33,7 @@ def tiny(tmp_path_factory):
     return json.loads((out / "r.json").read_text()), out, proc.stdout
 
 
+@pytest.mark.slow
 def test_tiny_run_has_a_cell_per_framework_variant_and_workload(tiny):
     result, _, _ = tiny
     assert result["complete"]
@@ -41,6 +42,7 @@ def test_tiny_run_has_a_cell_per_framework_variant_and_workload(tiny):
                          for f, v in (("jax", "jit"), ("torch", "eager"), ("torch", "channels_last")))
 
 
+@pytest.mark.slow
 def test_every_cell_field_is_filled_and_positive(tiny):
     result, _, _ = tiny
     for cell in result["cells"]:
@@ -58,6 +60,7 @@ def test_every_cell_field_is_filled_and_positive(tiny):
                 assert isinstance(value, str) and value, (key, cell)
 
 
+@pytest.mark.slow
 def test_jax_cold_compile_is_slower_than_the_warm_one_from_the_persistent_cache(tiny):
     # Not a speed assert on the machine: a cache load must beat XLA's whole pipeline on any machine.
     for cell in tiny[0]["cells"]:
@@ -65,6 +68,7 @@ def test_jax_cold_compile_is_slower_than_the_warm_one_from_the_persistent_cache(
             assert cell["compile_warm_s"] < cell["compile_cold_s"]
 
 
+@pytest.mark.slow
 def test_flops_come_from_xla_and_agree_with_pytorchs_counter_up_to_what_each_counts(tiny):
     # XLA skips the multiply-adds that land on convolution padding (large at 32 px: a quarter of the work)
     # and adds the elementwise ops; FlopCounterMode counts full kernels and only convolutions and matmuls.
@@ -76,6 +80,7 @@ def test_flops_come_from_xla_and_agree_with_pytorchs_counter_up_to_what_each_cou
     assert train["torch_flops"] > 2.5 * evaluation["torch_flops"]  # backward ~2x forward, plus the aux heads
 
 
+@pytest.mark.slow
 def test_threads_flag_sets_both_frameworks_and_the_record_states_versions_and_device(tiny):
     m = tiny[0]["machine"]
     for key in ("jax", "jaxlib", "flax", "torch", "torchvision", "device_kind", "platform"):
@@ -86,6 +91,7 @@ def test_threads_flag_sets_both_frameworks_and_the_record_states_versions_and_de
     assert all(p["tflops"] > 0 and p["how"] for p in tiny[0]["peak"].values())
 
 
+@pytest.mark.slow
 def test_markdown_and_plot_are_written(tiny):
     _, out, stdout = tiny
     text = (out / "r.md").read_text()
