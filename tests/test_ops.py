@@ -10,9 +10,10 @@ import torch
 from jax_googlenet.ops import conv2d, local_response_norm, max_pool
 
 
-def assert_slices_conv_equals_torch(rng, batch: int, side: int, k: int, stride: int, pad: int) -> None:
-    """conv2d(impl="slices") against torch.nn.functional.conv2d in float64: forward, input and weight gradients
-    for a random cotangent, to 1e-12."""
+def assert_conv_equals_torch(rng, batch: int, side: int, k: int, stride: int, pad: int, impl: str = "slices",
+                             conv=None) -> None:
+    """conv2d(impl=impl) (or `conv(x, w)`) against torch.nn.functional.conv2d in float64: forward, input and
+    weight gradients for a random cotangent, to 1e-12."""
     x, w = rng.normal(size=(batch, side, side, 3)), rng.normal(size=(k, k, 3, 4))
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
     wt = torch.from_numpy(w).permute(3, 2, 0, 1).requires_grad_()
@@ -20,7 +21,8 @@ def assert_slices_conv_equals_torch(rng, batch: int, side: int, k: int, stride: 
     g = rng.normal(size=yt.shape)
     yt.backward(torch.from_numpy(g))
     with jax.enable_x64(True):
-        y, vjp = jax.vjp(lambda a, b: conv2d(a, b, stride, pad, "slices"), jnp.asarray(x), jnp.asarray(w))
+        conv = conv or (lambda a, b: conv2d(a, b, stride, pad, impl))
+        y, vjp = jax.vjp(conv, jnp.asarray(x), jnp.asarray(w))
         dx, dw = vjp(jnp.asarray(g).transpose(0, 2, 3, 1))
     np.testing.assert_allclose(y, yt.detach().permute(0, 2, 3, 1).numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dx, xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-12, atol=1e-12)
@@ -32,7 +34,7 @@ def test_strided_convolution_and_its_gradients_equal_torchs_conv2d(batch, side):
     """The CPU path's strided convolution (conv1's 7x7/2: XLA's forward and input gradient, the weight gradient
     summed over chunks of images in a scan; batches of 1, 3 (odd: chunks of one) and 4) against
     torch.nn.functional.conv2d, forward and both gradients, in float64."""
-    assert_slices_conv_equals_torch(np.random.default_rng(batch * side), batch, side, 7, 2, 3)
+    assert_conv_equals_torch(np.random.default_rng(batch * side), batch, side, 7, 2, 3)
 
 
 @pytest.mark.parametrize("side, k, pad", [(9, 3, 1), (3, 3, 1), (10, 5, 2), (8, 3, 0), (2, 3, 1),
@@ -41,7 +43,25 @@ def test_slices_convolution_and_its_gradients_equal_torchs_conv2d(side, k, pad):
     """The CPU path's stride-1 k x k convolution (XLA's forward on maps of 8 and more, im2col below; in the
     backward, XLA's weight gradient on outputs 12 to 28 wide, dots otherwise) against
     torch.nn.functional.conv2d, forward and both gradients, in float64; the sides cross every threshold."""
-    assert_slices_conv_equals_torch(np.random.default_rng(side * k), 2, side, k, 1, pad)
+    assert_conv_equals_torch(np.random.default_rng(side * k), 2, side, k, 1, pad)
+
+
+@pytest.mark.parametrize("side, k, pad", [(1, 3, 1), (2, 3, 1), (3, 3, 1), (4, 3, 1), (7, 3, 1), (19, 3, 1),
+                                          (20, 3, 1), (28, 3, 1), (22, 3, 0), (4, 5, 2), (9, 5, 2), (3, 5, 2)])
+def test_winograd_path_and_its_gradients_equal_torchs_conv2d(side, k, pad):
+    """impl="winograd": dense products on maps smaller than the kernel, F(m x m, k x k) by output side
+    (conv.winograd_tile), im2col dots elsewhere; the sides cross every threshold; float64, to 1e-12."""
+    assert_conv_equals_torch(np.random.default_rng(side * k + pad), 2, side, k, 1, pad, "winograd")
+
+
+@pytest.mark.parametrize("m, k", [(2, 3), (4, 3), (6, 3), (2, 5), (4, 5)])
+@pytest.mark.parametrize("side, pad", [(5, 0), (9, 1), (10, 2), (13, 1)])
+def test_winograd_tiles_and_their_gradients_equal_torchs_conv2d(m, k, side, pad):
+    """F(m x m, k x k) alone, tiles that do not divide the output (a padded last tile) included; float64."""
+    from jax_googlenet.ops.winograd import conv_winograd
+
+    assert_conv_equals_torch(np.random.default_rng(side * m + k), 2, side, k, 1, pad,
+                             conv=lambda a, b: conv_winograd(a, b, pad, m))
 
 
 @pytest.mark.parametrize("impl", ["slices", "xla"])

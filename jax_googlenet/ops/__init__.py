@@ -20,7 +20,7 @@ from jax_googlenet.ops.conv import conv2d
 from jax_googlenet.ops.norm import local_response_norm
 from jax_googlenet.ops.pool import adaptive_avg_pool, max_pool, pool_output_size
 
-IMPLS = ("auto", "xla", "slices")
+IMPLS = ("auto", "xla", "slices", "winograd")
 
 
 def resolve_impl(impl: str) -> str:
@@ -28,7 +28,7 @@ def resolve_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
     if impl == "auto":
-        return "slices" if jax.default_backend() == "cpu" else "xla"
+        return "winograd" if jax.default_backend() == "cpu" else "xla"
     return impl
 
 

@@ -20,8 +20,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_googlenet.ops.windows import shifted_slices
+from jax_googlenet.ops.winograd import conv_winograd
 
 # Stride-1 k x k forward on maps at least this wide: XLA's convolution (NOTES.md, "XLA's convolution for the
 # forward, dots for the backward").
@@ -49,11 +51,29 @@ def _im2col_weight_grad(x, dy, k: int, padding: int, stride: int = 1, acc=None):
                                preferred_element_type=acc)
 
 
+# Winograd's F(m x m, k x k) by output size: (smallest side, largest side, m), the first that fits wins.
+WINOGRAD = {3: ((20, 999, 4), (3, 19, 2)), 5: ((3, 999, 2),)}
+
+
+# Winograd only for convolutions with at least this many input channels.
+WINOGRAD_MIN_CHANNELS = 0
+
+
+def winograd_tile(k: int, ho: int, wo: int, c: int = 10**6) -> int | None:
+    """m of F(m x m, k x k) for a stride-1 k x k convolution with ho x wo outputs and c input channels, or None
+    for im2col dots."""
+    if c < WINOGRAD_MIN_CHANNELS:
+        return None
+    return next((m for lo, hi, m in WINOGRAD.get(k, ()) if lo <= min(ho, wo) and max(ho, wo) <= hi), None)
+
+
 def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
     """NHWC x HWIO convolution. "xla": lax.conv_general_dilated, forward and backward. "slices": a 1x1 conv is
     one dot over channels; a stride-1 k x k conv (`_conv_kxk`) has a backward made of dots on the k*k shifted
     views, which XLA:CPU runs faster than its convolution backward (module docstring).
-    A strided conv (conv1) keeps XLA's convolution but for its weight gradient (`_conv_strided`)."""
+    A strided conv (conv1) keeps XLA's convolution but for its weight gradient (`_conv_strided`).
+    "winograd": as "slices", but a stride-1 k x k conv on a map smaller than k x k is one dense product without
+    the zero taps (`_conv_dense`), and on larger maps Winograd's F(m x m, k x k) (`winograd_tile`)."""
     if impl == "xla":
         return _xla_conv(x, kernel, stride, padding)
     if stride > 1:
@@ -61,7 +81,31 @@ def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
     k = kernel.shape[0]
     if k == 1 and padding == 0:
         return _matmul(x, kernel[0, 0])
+    if impl == "winograd":
+        h, w = x.shape[1:3]
+        if h * w < k * k:
+            return _conv_dense(x, kernel, padding)
+        m = winograd_tile(k, h + 2 * padding - k + 1, w + 2 * padding - k + 1, x.shape[-1])
+        if m is not None:
+            return conv_winograd(x, kernel, padding, m)
     return _conv_kxk(x, kernel, padding)
+
+
+def _conv_dense(x, kernel, padding: int):
+    """A stride-1 k x k convolution of a map of fewer than k*k positions as one (H*W*C, Ho*Wo*K) product: the
+    operator's nonzero blocks only (on a 2x2 map 16 C*K multiply-adds per image where the 3x3 im2col does 36,
+    on a 1x1 map the centre tap alone). Autodiff's backward is two 2-D dots and the blocks' scatter-add."""
+    k, _, c, o = kernel.shape
+    n, h, w, _ = x.shape
+    ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
+    # tap (a - i + padding, b - j + padding) joins input (a, b) to output (i, j), where it lies in the kernel
+    a, b, i, j = np.meshgrid(np.arange(h), np.arange(w), np.arange(ho), np.arange(wo), indexing="ij")
+    ti, tj = a - i + padding, b - j + padding
+    valid = (ti >= 0) & (ti < k) & (tj >= 0) & (tj < k)
+    blocks = kernel[np.clip(ti, 0, k - 1), np.clip(tj, 0, k - 1)]  # (h, w, ho, wo, c, o)
+    blocks = jnp.where(valid[..., None, None], blocks, jnp.zeros((), kernel.dtype)) if not valid.all() else blocks
+    dense = blocks.transpose(0, 1, 4, 2, 3, 5).reshape(h * w * c, ho * wo * o)
+    return _matmul(x.reshape(n, h * w * c), dense).reshape(n, ho, wo, o)
 
 
 def _matmul(x, w):
