@@ -1,4 +1,4 @@
-"""2-D convolution, NHWC x HWIO, in two implementations chosen by `impl` (see `jax_googlenet.ops`).
+"""2-D convolution, NHWC x HWIO, in three implementations chosen by `impl` (see `jax_googlenet.ops`).
 
 "xla": `lax.conv_general_dilated` and its autodiff backward; the GPU's path (cuDNN).
 
@@ -10,7 +10,11 @@
   1.3-2.6x faster than the im2col dot.
 - strided convolutions (conv1, 7x7/2 on the image; `_conv_strided`): XLA's convolution forward and input
   gradient; the weight gradient as im2col + dot over chunks of two images in a scan (XLA:CPU's is 2x slower).
-Every figure is from benchmarks/NOTES.md, section "Attempts", measured in the full train step on the project's
+"winograd", the CPU's default: as "slices", with fewer multiplications for stride-1 k x k convolutions:
+- maps of fewer than k*k positions (3x3 on 2x2 and 1x1, 5x5 below 5x5): one dense product without the zero
+  taps of the padding (`_conv_dense`);
+- maps that `WINOGRAD` lists: Winograd's F(m x m, k x k) (`jax_googlenet.ops.winograd`).
+Every figure is from benchmarks/NOTES.md, sections "Attempts" and "Winograd convolution", measured in the full train step on the project's
 2-core CPU; tests/test_ops.py checks each path against `torch.nn.functional.conv2d` in float64.
 """
 
@@ -51,20 +55,16 @@ def _im2col_weight_grad(x, dy, k: int, padding: int, stride: int = 1, acc=None):
                                preferred_element_type=acc)
 
 
-# Winograd's F(m x m, k x k) by output size: (smallest side, largest side, m), the first that fits wins.
-WINOGRAD = {3: ((20, 999, 4), (3, 19, 2)), 5: ((3, 999, 2),)}
+# Winograd's F(m x m, k x k) for stride-1 k x k convolutions: the first m listed whose tiles divide the output
+# map (no padded tiles); other sizes keep `_conv_kxk`. Chosen in the train step at 224, 96 and 32 (NOTES.md,
+# "Winograd convolution"): F(4x4, 3x3) on 56, 28, 24, 12 and 8, F(2x2, 3x3) on 14 and 6; the 7x7 maps (two
+# tiles of 4 for 7 outputs) and the 5x5 convolutions did not pay.
+WINOGRAD = {3: (4, 2)}
 
 
-# Winograd only for convolutions with at least this many input channels.
-WINOGRAD_MIN_CHANNELS = 0
-
-
-def winograd_tile(k: int, ho: int, wo: int, c: int = 10**6) -> int | None:
-    """m of F(m x m, k x k) for a stride-1 k x k convolution with ho x wo outputs and c input channels, or None
-    for im2col dots."""
-    if c < WINOGRAD_MIN_CHANNELS:
-        return None
-    return next((m for lo, hi, m in WINOGRAD.get(k, ()) if lo <= min(ho, wo) and max(ho, wo) <= hi), None)
+def winograd_tile(k: int, ho: int, wo: int) -> int | None:
+    """m of F(m x m, k x k) for a stride-1 k x k convolution with ho x wo outputs, or None."""
+    return next((m for m in WINOGRAD.get(k, ()) if ho % m == 0 and wo % m == 0), None)
 
 
 def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
@@ -73,7 +73,9 @@ def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
     views, which XLA:CPU runs faster than its convolution backward (module docstring).
     A strided conv (conv1) keeps XLA's convolution but for its weight gradient (`_conv_strided`).
     "winograd": as "slices", but a stride-1 k x k conv on a map smaller than k x k is one dense product without
-    the zero taps (`_conv_dense`), and on larger maps Winograd's F(m x m, k x k) (`winograd_tile`)."""
+    the zero taps (`_conv_dense`), and on larger maps Winograd's F(m x m, k x k) where `WINOGRAD` lists the
+    size, in float32 and float64 (in bfloat16, whose rounding error Winograd's transforms would multiply, the
+    slices path)."""
     if impl == "xla":
         return _xla_conv(x, kernel, stride, padding)
     if stride > 1:
@@ -85,8 +87,8 @@ def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
         h, w = x.shape[1:3]
         if h * w < k * k:
             return _conv_dense(x, kernel, padding)
-        m = winograd_tile(k, h + 2 * padding - k + 1, w + 2 * padding - k + 1, x.shape[-1])
-        if m is not None:
+        m = winograd_tile(k, h + 2 * padding - k + 1, w + 2 * padding - k + 1)
+        if m is not None and jnp.finfo(x.dtype).nmant >= jnp.finfo(jnp.float32).nmant:
             return conv_winograd(x, kernel, padding, m)
     return _conv_kxk(x, kernel, padding)
 

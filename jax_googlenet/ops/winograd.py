@@ -7,11 +7,15 @@ transform-domain positions. The backward is Winograd-domain too: dM = A dY A^T, 
 kernel's and the input's gradients are the transposed filter and input transforms.
 
 Two choices, both measured (benchmarks/NOTES.md, "Winograd convolution"):
-- the transforms are sparse additions on strided views, the two halves of each +-p pair of interpolation points
-  computed once, two passes (rows, then columns) with a stack between them;
+- the transforms are two passes (rows, then columns) over strided views of the map, each written as sparse
+  additions that compute the halves of each +-p pair of interpolation points once, or, for the data transform,
+  as multiply-adds against broadcast columns of the matrix (`FORMS`);
 - the whole pipeline runs over chunks of a few images in a loop (`_per_chunk`), so a chunk's transform-domain
   arrays (a^2/m^2 times the maps, tens of MB for the whole batch) stay in cache between the transforms and the
-  dots: each transform otherwise re-reads its input from memory once per output row.
+  dots: each transform otherwise re-reads its input from memory once per output row, and F(4x4, 3x3), 2.5x
+  faster than the default path on conv3 alone, lost to it in the train step.
+Float32 error (tests/test_ops.py bounds it per layer shape): the relative error against a float64 reference is
+up to 6e-7 with F(2x2, 3x3) and 3e-6 with F(4x4, 3x3), against 1e-6 for XLA's convolution.
 """
 
 from __future__ import annotations
@@ -131,13 +135,17 @@ def _linear(mat: np.ndarray, parts: list) -> list:
     return [_combine(row, parts) for row in mat]
 
 
-COMBINE = "pairs"
-BARRIER = False
+# How each transform is written: "pairs" as the sparse additions of `_linear` (the fewest operations), or
+# "broadcast" as one multiply-add per input row of the matrix against its column broadcast along the output
+# rows (XLA emits one loop for the fusion instead of one per output row). Measured in the 16/224 train step
+# (benchmarks/NOTES.md, "Winograd convolution"): the data transform B^T d B compiles faster broadcast at the
+# same step speed; the output transform and both gradient transforms run ~4% faster as pairs.
+FORMS = {"data": "broadcast", "output": "pairs", "output_grad": "pairs", "data_grad": "pairs", "filter": "pairs"}
 
 
-def _apply(mat: np.ndarray, stacked, axis: int):
+def _apply(mat: np.ndarray, stacked, axis: int, form: str):
     """mat applied along `axis` of stacked (whose `axis` has mat.shape[1] entries): mat.shape[0] entries there."""
-    if COMBINE == "bcast":
+    if form == "broadcast":
         shape = [1] * stacked.ndim
         shape[axis] = mat.shape[0]
         out = None
@@ -151,32 +159,27 @@ def _apply(mat: np.ndarray, stacked, axis: int):
     return jnp.stack(_linear(mat, parts), axis=axis)
 
 
-def tiles_in(xp, mat: np.ndarray, stride: int, ht: int, wt: int):
+def tiles_in(xp, mat: np.ndarray, stride: int, ht: int, wt: int, form: str = "pairs"):
     """mat T mat^T of every (tile x tile) window of xp at stride `stride`, tile = mat.shape[1]: (p*p, n, ht, wt, c)
     for p = mat.shape[0]; xp already padded to at least (ht - 1) * stride + tile on each side."""
     p, tile = mat.shape
     n, _, w, c = xp.shape
     rows = jnp.stack([jax.lax.slice(xp, (0, i, 0, 0), (n, i + stride * (ht - 1) + 1, w, c), (1, stride, 1, 1))
                       for i in range(tile)])  # (tile, n, ht, w, c)
-    rows = _apply(mat, rows, 0)  # (p, n, ht, w, c)
-    if BARRIER:
-        rows = jax.lax.optimization_barrier(rows)
+    rows = _apply(mat, rows, 0, form)  # (p, n, ht, w, c)
     cols = jnp.stack([jax.lax.slice(rows, (0, 0, 0, j, 0), (p, n, ht, j + stride * (wt - 1) + 1, c),
                                     (1, 1, 1, stride, 1)) for j in range(tile)], axis=1)  # (p, tile, n, ht, wt, c)
-    return _apply(mat, cols, 1).reshape(p * p, n, ht, wt, c)
+    return _apply(mat, cols, 1, form).reshape(p * p, n, ht, wt, c)
 
 
-def tiles_out(t, mat: np.ndarray, stride: int, h: int, w: int, offset: int = 0):
+def tiles_out(t, mat: np.ndarray, stride: int, h: int, w: int, offset: int = 0, form: str = "pairs"):
     """The map y[n, ts + i, us + j] = sum over tiles (t, u) and (p, q) of mat[i, p] mat[j, q] T[p, q, n, t, u]
     (tiles of mat.shape[0] rows at stride `stride`, overlapping when that is more than the stride), cropped to
     rows and columns offset ... offset + h (w): the transpose of `tiles_in`, and the Winograd output transform."""
     tile, p = mat.shape
     _, n, ht, wt, c = t.shape
     t = t.reshape(p, p, n, ht, wt, c)
-    d = _apply(mat, t, 1)
-    if BARRIER:
-        d = jax.lax.optimization_barrier(d)
-    d = _apply(mat, d, 0)  # (tile, tile, n, ht, wt, c)
+    d = _apply(mat, _apply(mat, t, 1, form), 0, form)  # (tile, tile, n, ht, wt, c)
     extra = tiles(tile, stride) - 1  # tiles each output row can be reached from, beyond its own
     if extra:
         # tile offset i = i0 + stride * k reaches row (t + k) * stride + i0: pad the tile axes to whole strides,
@@ -211,14 +214,14 @@ def filter_transform(kernel, g: np.ndarray):
     """G g G^T per (input, output) channel pair: (a*a, c, k)."""
     r, _, c, k = kernel.shape
     a = g.shape[0]
-    return _apply(g, _apply(g, kernel, 1), 0).reshape(a * a, c, k)
+    return _apply(g, _apply(g, kernel, 1, FORMS["filter"]), 0, FORMS["filter"]).reshape(a * a, c, k)
 
 
 def filter_transform_transpose(du, g: np.ndarray):
     """G^T dU G: the kernel's gradient from the transform-domain one, (r, r, c, k)."""
     a, r = g.shape
     _, c, k = du.shape
-    return _apply(g.T, _apply(g.T, du.reshape(a, a, c, k), 1), 0)
+    return _apply(g.T, _apply(g.T, du.reshape(a, a, c, k), 1, FORMS["filter"]), 0, FORMS["filter"])
 
 
 def _per_chunk(n: int, per_image_bytes: int) -> int:
@@ -260,9 +263,9 @@ def _winograd(x, kernel, padding: int, m: int):
     u = filter_transform(kernel, g)
 
     def chunk(_, xc):
-        v = tiles_in(_padded(xc, padding, m, r, ht, wt), bt, m, ht, wt).reshape(a * a, -1, c)
+        v = tiles_in(_padded(xc, padding, m, r, ht, wt), bt, m, ht, wt, FORMS["data"]).reshape(a * a, -1, c)
         mm = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))
-        return (), tiles_out(mm.reshape(a * a, xc.shape[0], ht, wt, k), at, m, ho, wo)
+        return (), tiles_out(mm.reshape(a * a, xc.shape[0], ht, wt, k), at, m, ho, wo, form=FORMS["output"])
 
     return _chunked(chunk, per, (), x)[1]
 
@@ -280,13 +283,14 @@ def _winograd_bwd(padding, m, res, dy):
     h, w = x.shape[1:3]
 
     def chunk(du, xc, dyc):
-        v = tiles_in(_padded(xc, padding, m, r, ht, wt), bt, m, ht, wt).reshape(a * a, -1, c)
+        v = tiles_in(_padded(xc, padding, m, r, ht, wt), bt, m, ht, wt, FORMS["data"]).reshape(a * a, -1, c)
         dyp = jax.lax.pad(dyc, jnp.zeros((), dyc.dtype),
                           [(0, 0, 0), (0, ht * m - ho, 0), (0, wt * m - wo, 0), (0, 0, 0)])
-        dm = tiles_in(dyp, at.T, m, ht, wt).reshape(a * a, -1, k)
+        dm = tiles_in(dyp, at.T, m, ht, wt, FORMS["output_grad"]).reshape(a * a, -1, k)
         du = du + jax.lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))))  # (a*a, c, k)
         dv = jax.lax.dot_general(dm, u, (((2,), (2,)), ((0,), (0,))))  # (a*a, P, c)
-        return du, tiles_out(dv.reshape(a * a, xc.shape[0], ht, wt, c), bt.T, m, h, w, offset=padding)
+        return du, tiles_out(dv.reshape(a * a, xc.shape[0], ht, wt, c), bt.T, m, h, w, offset=padding,
+                             form=FORMS["data_grad"])
 
     du, dx = _chunked(chunk, per, jnp.zeros((a * a, c, k), u.dtype), x, dy)
     dkernel = filter_transform_transpose(du, g)
