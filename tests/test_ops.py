@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from jax_googlenet.ops import conv2d, local_response_norm, max_pool
+from jax_googlenet.ops import conv, conv2d, local_response_norm, max_pool, winograd
 
 
-def assert_slices_conv_equals_torch(rng, batch: int, side: int, k: int, stride: int, pad: int) -> None:
-    """conv2d(impl="slices") against torch.nn.functional.conv2d in float64: forward, input and weight gradients
-    for a random cotangent, to 1e-12."""
+def assert_conv_equals_torch(rng, batch: int, side: int, k: int, stride: int, pad: int, impl: str = "slices",
+                             conv=None) -> None:
+    """conv2d(impl=impl) (or `conv(x, w)`) against torch.nn.functional.conv2d in float64: forward, input and
+    weight gradients for a random cotangent, to 1e-12."""
     x, w = rng.normal(size=(batch, side, side, 3)), rng.normal(size=(k, k, 3, 4))
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
     wt = torch.from_numpy(w).permute(3, 2, 0, 1).requires_grad_()
@@ -20,7 +21,8 @@ def assert_slices_conv_equals_torch(rng, batch: int, side: int, k: int, stride: 
     g = rng.normal(size=yt.shape)
     yt.backward(torch.from_numpy(g))
     with jax.enable_x64(True):
-        y, vjp = jax.vjp(lambda a, b: conv2d(a, b, stride, pad, "slices"), jnp.asarray(x), jnp.asarray(w))
+        conv = conv or (lambda a, b: conv2d(a, b, stride, pad, impl))
+        y, vjp = jax.vjp(conv, jnp.asarray(x), jnp.asarray(w))
         dx, dw = vjp(jnp.asarray(g).transpose(0, 2, 3, 1))
     np.testing.assert_allclose(y, yt.detach().permute(0, 2, 3, 1).numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dx, xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-12, atol=1e-12)
@@ -32,7 +34,7 @@ def test_strided_convolution_and_its_gradients_equal_torchs_conv2d(batch, side):
     """The CPU path's strided convolution (conv1's 7x7/2: XLA's forward and input gradient, the weight gradient
     summed over chunks of images in a scan; batches of 1, 3 (odd: chunks of one) and 4) against
     torch.nn.functional.conv2d, forward and both gradients, in float64."""
-    assert_slices_conv_equals_torch(np.random.default_rng(batch * side), batch, side, 7, 2, 3)
+    assert_conv_equals_torch(np.random.default_rng(batch * side), batch, side, 7, 2, 3)
 
 
 @pytest.mark.parametrize("side, k, pad", [(9, 3, 1), (3, 3, 1), (10, 5, 2), (8, 3, 0), (2, 3, 1),
@@ -41,7 +43,66 @@ def test_slices_convolution_and_its_gradients_equal_torchs_conv2d(side, k, pad):
     """The CPU path's stride-1 k x k convolution (XLA's forward on maps of 8 and more, im2col below; in the
     backward, XLA's weight gradient on outputs 12 to 28 wide, dots otherwise) against
     torch.nn.functional.conv2d, forward and both gradients, in float64; the sides cross every threshold."""
-    assert_slices_conv_equals_torch(np.random.default_rng(side * k), 2, side, k, 1, pad)
+    assert_conv_equals_torch(np.random.default_rng(side * k), 2, side, k, 1, pad)
+
+
+@pytest.mark.parametrize("side, k, pad", [(1, 3, 1), (2, 3, 1), (3, 3, 1), (6, 3, 1), (12, 3, 1), (4, 5, 2),
+                                          (9, 5, 2)])
+def test_winograd_path_and_its_gradients_equal_torchs_conv2d(side, k, pad):
+    """impl="winograd": dense products on maps smaller than the kernel (1x1 and 2x2 for 3x3, 4x4 for 5x5),
+    F(m x m, k x k) where conv.WINOGRAD's tiles divide the output (F4 on 12, F2 on 6), the slices path
+    elsewhere (3, and 9 for 5x5); float64, to 1e-12."""
+    assert_conv_equals_torch(np.random.default_rng(side * k + pad), 2, side, k, 1, pad, "winograd")
+
+
+@pytest.mark.parametrize("m, k, side, pad", [(2, 3, 9, 1), (4, 3, 13, 1), (6, 3, 10, 2), (2, 5, 10, 2), (4, 5, 5, 0)])
+def test_winograd_tiles_and_their_gradients_equal_torchs_conv2d(m, k, side, pad, monkeypatch):
+    """F(m x m, k x k) alone, over chunks of one image in a loop (a batch of 3), with tiles that do not divide
+    the output (a padded last tile); float64, to 1e-12."""
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 1)
+    assert_conv_equals_torch(np.random.default_rng(side * m + k), 3, side, k, 1, pad,
+                             conv=lambda a, b: winograd.conv_winograd(a, b, pad, m))
+
+
+def test_winograd_keeps_the_direct_convolution_in_bfloat16():
+    """In bfloat16 impl="winograd" runs the slices path, bit for bit: Winograd's transforms would multiply
+    bfloat16's rounding error."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 20, 20, 3)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.bfloat16)
+    assert conv.winograd_tile(3, 20, 20) is not None
+    np.testing.assert_array_equal(np.asarray(conv2d(x, w, 1, 1, "winograd"), np.float32),
+                                  np.asarray(conv2d(x, w, 1, 1, "slices"), np.float32))
+
+
+# (output side, input channels, output channels) of the torchvision variant's 3x3 convolutions at 224 that
+# conv.WINOGRAD sends to Winograd: conv3 and inception 3b (F4), inception 4e (F2).
+LAYERS_224 = [(56, 64, 192), (28, 128, 192), (14, 160, 320)]
+
+
+@pytest.mark.parametrize("side, cin, cout", LAYERS_224)
+def test_winograd_float32_error_on_the_networks_layer_shapes_is_bounded(side, cin, cout):
+    """Relative error (Frobenius) of the float32 forward and both gradients against a float64 reference, on
+    inputs like the network's (ReLU outputs, He-scaled kernel): at most 1e-5 (measured up to 3e-6 for
+    F(4x4, 3x3); XLA's own float32 convolution 1e-6)."""
+    assert conv.winograd_tile(3, side, side) is not None
+    rng = np.random.default_rng(side + cin)
+    x = np.maximum(rng.normal(size=(1, side, side, cin)), 0)
+    w = rng.normal(size=(3, 3, cin, cout)) * np.sqrt(2 / (9 * cin))
+    g = rng.normal(size=(1, side, side, cout))
+    ref = torch.nn.functional.conv2d
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    wt = torch.from_numpy(w).permute(3, 2, 0, 1).requires_grad_()
+    yt = ref(xt, wt, padding=1)
+    yt.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
+    want = [yt.detach().permute(0, 2, 3, 1).numpy(), xt.grad.permute(0, 2, 3, 1).numpy(),
+            wt.grad.permute(2, 3, 1, 0).numpy()]
+    y, vjp = jax.vjp(lambda a, b: conv2d(a, b, 1, 1, "winograd"), jnp.asarray(x, jnp.float32),
+                     jnp.asarray(w, jnp.float32))
+    got = [y, *vjp(jnp.asarray(g, jnp.float32))]
+    for name, a, b in zip(("forward", "input gradient", "kernel gradient"), got, want):
+        error = np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
+        assert error < 1e-5, f"{name}: relative error {error:.1e}"
 
 
 @pytest.mark.parametrize("impl", ["slices", "xla"])

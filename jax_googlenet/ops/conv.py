@@ -1,4 +1,4 @@
-"""2-D convolution, NHWC x HWIO, in two implementations chosen by `impl` (see `jax_googlenet.ops`).
+"""2-D convolution, NHWC x HWIO, in three implementations chosen by `impl` (see `jax_googlenet.ops`).
 
 "xla": `lax.conv_general_dilated` and its autodiff backward; the GPU's path (cuDNN).
 
@@ -10,7 +10,11 @@
   1.3-2.6x faster than the im2col dot.
 - strided convolutions (conv1, 7x7/2 on the image; `_conv_strided`): XLA's convolution forward and input
   gradient; the weight gradient as im2col + dot over chunks of two images in a scan (XLA:CPU's is 2x slower).
-Every figure is from benchmarks/NOTES.md, section "Attempts", measured in the full train step on the project's
+"winograd", the CPU's default: as "slices", with fewer multiplications for stride-1 k x k convolutions:
+- maps of fewer than k*k positions (3x3 on 2x2 and 1x1, 5x5 below 5x5): one dense product without the zero
+  taps of the padding (`_conv_dense`);
+- maps that `WINOGRAD` lists: Winograd's F(m x m, k x k) (`jax_googlenet.ops.winograd`).
+Every figure is from benchmarks/NOTES.md, sections "Attempts" and "Winograd convolution", measured in the full train step on the project's
 2-core CPU; tests/test_ops.py checks each path against `torch.nn.functional.conv2d` in float64.
 """
 
@@ -20,8 +24,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_googlenet.ops.windows import shifted_slices
+from jax_googlenet.ops.winograd import conv_winograd
 
 # Stride-1 k x k forward on maps at least this wide: XLA's convolution (NOTES.md, "XLA's convolution for the
 # forward, dots for the backward").
@@ -49,11 +55,27 @@ def _im2col_weight_grad(x, dy, k: int, padding: int, stride: int = 1, acc=None):
                                preferred_element_type=acc)
 
 
+# Winograd's F(m x m, k x k) for stride-1 k x k convolutions: the first m listed whose tiles divide the output
+# map (no padded tiles); other sizes keep `_conv_kxk`. Chosen in the train step at 224, 96 and 32 (NOTES.md,
+# "Winograd convolution"): F(4x4, 3x3) on 56, 28, 24, 12 and 8, F(2x2, 3x3) on 14 and 6; the 7x7 maps (two
+# tiles of 4 for 7 outputs) and the 5x5 convolutions did not pay.
+WINOGRAD = {3: (4, 2)}
+
+
+def winograd_tile(k: int, ho: int, wo: int) -> int | None:
+    """m of F(m x m, k x k) for a stride-1 k x k convolution with ho x wo outputs, or None."""
+    return next((m for m in WINOGRAD.get(k, ()) if ho % m == 0 and wo % m == 0), None)
+
+
 def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
     """NHWC x HWIO convolution. "xla": lax.conv_general_dilated, forward and backward. "slices": a 1x1 conv is
     one dot over channels; a stride-1 k x k conv (`_conv_kxk`) has a backward made of dots on the k*k shifted
     views, which XLA:CPU runs faster than its convolution backward (module docstring).
-    A strided conv (conv1) keeps XLA's convolution but for its weight gradient (`_conv_strided`)."""
+    A strided conv (conv1) keeps XLA's convolution but for its weight gradient (`_conv_strided`).
+    "winograd": as "slices", but a stride-1 k x k conv on a map smaller than k x k is one dense product without
+    the zero taps (`_conv_dense`), and on larger maps Winograd's F(m x m, k x k) where `WINOGRAD` lists the
+    size, in float32 and float64 (in bfloat16, whose rounding error Winograd's transforms would multiply, the
+    slices path)."""
     if impl == "xla":
         return _xla_conv(x, kernel, stride, padding)
     if stride > 1:
@@ -61,7 +83,31 @@ def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
     k = kernel.shape[0]
     if k == 1 and padding == 0:
         return _matmul(x, kernel[0, 0])
+    if impl == "winograd":
+        h, w = x.shape[1:3]
+        if h * w < k * k:
+            return _conv_dense(x, kernel, padding)
+        m = winograd_tile(k, h + 2 * padding - k + 1, w + 2 * padding - k + 1)
+        if m is not None and jnp.finfo(x.dtype).nmant >= jnp.finfo(jnp.float32).nmant:
+            return conv_winograd(x, kernel, padding, m)
     return _conv_kxk(x, kernel, padding)
+
+
+def _conv_dense(x, kernel, padding: int):
+    """A stride-1 k x k convolution of a map of fewer than k*k positions as one (H*W*C, Ho*Wo*K) product: the
+    operator's nonzero blocks only (on a 2x2 map 16 C*K multiply-adds per image where the 3x3 im2col does 36,
+    on a 1x1 map the centre tap alone). Autodiff's backward is two 2-D dots and the blocks' scatter-add."""
+    k, _, c, o = kernel.shape
+    n, h, w, _ = x.shape
+    ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
+    # tap (a - i + padding, b - j + padding) joins input (a, b) to output (i, j), where it lies in the kernel
+    a, b, i, j = np.meshgrid(np.arange(h), np.arange(w), np.arange(ho), np.arange(wo), indexing="ij")
+    ti, tj = a - i + padding, b - j + padding
+    valid = (ti >= 0) & (ti < k) & (tj >= 0) & (tj < k)
+    blocks = kernel[np.clip(ti, 0, k - 1), np.clip(tj, 0, k - 1)]  # (h, w, ho, wo, c, o)
+    blocks = jnp.where(valid[..., None, None], blocks, jnp.zeros((), kernel.dtype)) if not valid.all() else blocks
+    dense = blocks.transpose(0, 1, 4, 2, 3, 5).reshape(h * w * c, ho * wo * o)
+    return _matmul(x.reshape(n, h * w * c), dense).reshape(n, ho, wo, o)
 
 
 def _matmul(x, w):

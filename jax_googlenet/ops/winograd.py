@@ -1,0 +1,300 @@
+"""Winograd convolution (Lavin & Gray, arXiv:1509.09308) for stride-1 k x k layers: fewer multiplications.
+
+F(m x m, r x r) computes an m x m output tile from an a x a input tile, a = m + r - 1, with a^2 products per
+(input, output) channel pair instead of m^2 r^2: 2.25x fewer for F(2x2, 3x3), 4x for F(4x4, 3x3).
+Y = A^T [(G g G^T) . (B^T d B)] A, per tile; the products over channels are one batched dot over the a^2
+transform-domain positions. The backward is Winograd-domain too: dM = A dY A^T, dU = V^T dM, dV = dM U^T, and the
+kernel's and the input's gradients are the transposed filter and input transforms.
+
+Two choices, both measured (benchmarks/NOTES.md, "Winograd convolution"):
+- the transforms are two passes (rows, then columns) over strided views of the map, each written as sparse
+  additions that compute the halves of each +-p pair of interpolation points once, or, for the data transform,
+  as multiply-adds against broadcast columns of the matrix (`FORMS`);
+- the whole pipeline runs over chunks of a few images in a loop (`_per_chunk`), so a chunk's transform-domain
+  arrays (a^2/m^2 times the maps, tens of MB for the whole batch) stay in cache between the transforms and the
+  dots: each transform otherwise re-reads its input from memory once per output row, and F(4x4, 3x3), 2.5x
+  faster than the default path on conv3 alone, lost to it in the train step.
+Float32 error (tests/test_ops.py bounds it per layer shape): the relative error against a float64 reference is
+up to 6e-7 with F(2x2, 3x3) and 3e-6 with F(4x4, 3x3), against 1e-6 for XLA's convolution.
+"""
+
+from __future__ import annotations
+
+import functools
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Interpolation points (the last one, infinity, is implicit): small integers first, then halves, as in the
+# paper; they keep the transforms' coefficients, and so the float32 rounding error, small.
+POINTS = (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2), 3, -3)
+# A chunk of images holds at most this many bytes of transform-domain products (a^2 x tiles x output channels).
+CHUNK_BYTES = 4 << 20
+
+
+def _inverse(a: list[list[Fraction]]) -> list[list[Fraction]]:
+    """Exact inverse of a square matrix of Fractions (Gauss-Jordan)."""
+    n = len(a)
+    m = [row[:] + [Fraction(int(i == j)) for j in range(n)] for i, row in enumerate(a)]
+    for col in range(n):
+        pivot = next(r for r in range(col, n) if m[r][col] != 0)
+        m[col], m[pivot] = m[pivot], m[col]
+        p = m[col][col]
+        m[col] = [v / p for v in m[col]]
+        for r in range(n):
+            if r != col and m[r][col] != 0:
+                f = m[r][col]
+                m[r] = [v - f * w for v, w in zip(m[r], m[col])]
+    return [row[n:] for row in m]
+
+
+@functools.lru_cache(maxsize=None)
+def transforms(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A^T [m, a], G [a, r], B^T [a, a]) of F(m, r), a = m + r - 1, exact rationals rounded once to float64.
+
+    Toom-Cook: the linear convolution c = g * h is c = V^-1 [(Vr g) . (Vm h)] with Vandermonde matrices Vn of
+    the a - 1 points plus infinity; the correlation y = T(g)^T d is its transpose, y = Vm^T [(Vr g) . (V^-T d)].
+    Each row of B^T is scaled to integers and G's row by the inverse, so the data transform has no fractions.
+    """
+    a = m + r - 1
+    points = [Fraction(p) for p in POINTS[: a - 1]]
+
+    def vandermonde(n):
+        return [[p ** j for j in range(n)] for p in points] + [[Fraction(int(j == n - 1)) for j in range(n)]]
+
+    bt = [list(row) for row in zip(*_inverse(vandermonde(a)))]  # V^-T
+    g = vandermonde(r)
+    for i, row in enumerate(bt):
+        scale = Fraction(np.lcm.reduce([v.denominator for v in row]))
+        scale /= np.gcd.reduce([int(v * scale) for v in row if v != 0])
+        bt[i] = [v * scale for v in row]
+        g[i] = [v / scale for v in g[i]]
+    at = [list(col) for col in zip(*vandermonde(m))]
+    as_array = lambda rows: np.array([[float(v) for v in row] for row in rows])  # noqa: E731
+    return as_array(at), as_array(g), as_array(bt)
+
+
+def tiles(n: int, m: int) -> int:
+    return -(-n // m)
+
+
+def _combine(coeffs: np.ndarray, terms: list) -> jax.Array:
+    """sum_i coeffs[i] * terms[i], skipping zero coefficients and multiplying by +-1 as additions."""
+    out = None
+    for c, t in zip(coeffs, terms):
+        if c == 0:
+            continue
+        t = t if c == 1 else (-t if c == -1 else t * jnp.asarray(c, t.dtype))
+        out = t if out is None else out + t
+    if out is None:
+        return jnp.zeros_like(terms[0])
+    return out
+
+
+def _paired(mat: np.ndarray, rows: bool) -> list[tuple[int, int, int]]:
+    """Pairs (a, b, sign) of rows (or columns) with mat[b, i] = sign (-1)^i mat[a, i]: the transforms' rows (or
+    columns) for the interpolation points +p and -p, whose even and odd halves are shared."""
+    mat = mat if rows else mat.T
+    alternate = (-1.0) ** np.arange(mat.shape[1])
+    pairs, taken = [], set()
+    for a in range(len(mat)):
+        for b in range(a + 1, len(mat)):
+            if a in taken or b in taken or not (mat[a] * alternate != mat[a]).any():
+                continue
+            for sign in (1, -1):
+                if np.array_equal(mat[b], sign * alternate * mat[a]):
+                    pairs.append((a, b, sign))
+                    taken |= {a, b}
+    return pairs
+
+
+def _linear(mat: np.ndarray, parts: list) -> list:
+    """[sum_i mat[p, i] parts[i] for each row p] as additions, the halves of +-p pairs computed once: for paired
+    rows a, b the even-index and odd-index partial sums E, O give E + O and +-(E - O); for paired columns the
+    sum and the difference of the two parts serve every row."""
+    row_pairs = _paired(mat, rows=True)
+    if row_pairs:
+        out = [None] * len(mat)
+        even = np.arange(mat.shape[1]) % 2 == 0
+        for a, b, sign in row_pairs:
+            e, o = _combine(mat[a] * even, parts), _combine(mat[a] * ~even, parts)
+            out[a], out[b] = e + o, (e - o if sign == 1 else o - e)
+        return [_combine(row, parts) if out[r] is None else out[r] for r, row in enumerate(mat)]
+    col_pairs = _paired(mat, rows=False)
+    if col_pairs:
+        parts, mat = list(parts), mat.copy()
+        for a, b, sign in col_pairs:
+            # row r: mat[r, a] (parts[a] + sign (-1)^r parts[b]): the sum on some rows, the difference on the others
+            diff = (np.arange(len(mat)) % 2 == 1) == (sign == 1)
+            parts[a], parts[b] = parts[a] + parts[b], parts[a] - parts[b]
+            mat[diff, b], mat[diff, a] = mat[diff, a], 0
+            mat[~diff, b] = 0
+        return [_combine(row, parts) for row in mat]
+    return [_combine(row, parts) for row in mat]
+
+
+# How each transform is written: "pairs" as the sparse additions of `_linear` (the fewest operations), or
+# "broadcast" as one multiply-add per input row of the matrix against its column broadcast along the output
+# rows (XLA emits one loop for the fusion instead of one per output row). Measured in the 16/224 train step
+# (benchmarks/NOTES.md, "Winograd convolution"): the data transform B^T d B compiles faster broadcast at the
+# same step speed; the output transform and both gradient transforms run ~4% faster as pairs.
+FORMS = {"data": "broadcast", "output": "pairs", "output_grad": "pairs", "data_grad": "pairs", "filter": "pairs"}
+
+
+def _apply(mat: np.ndarray, stacked, axis: int, form: str):
+    """mat applied along `axis` of stacked (whose `axis` has mat.shape[1] entries): mat.shape[0] entries there."""
+    if form == "broadcast":
+        shape = [1] * stacked.ndim
+        shape[axis] = mat.shape[0]
+        out = None
+        for i in range(mat.shape[1]):
+            if not mat[:, i].any():
+                continue
+            term = jnp.asarray(mat[:, i], stacked.dtype).reshape(shape) * jax.lax.index_in_dim(stacked, i, axis)
+            out = term if out is None else out + term
+        return out
+    parts = [jax.lax.index_in_dim(stacked, i, axis, keepdims=False) for i in range(mat.shape[1])]
+    return jnp.stack(_linear(mat, parts), axis=axis)
+
+
+def tiles_in(xp, mat: np.ndarray, stride: int, ht: int, wt: int, form: str = "pairs"):
+    """mat T mat^T of every (tile x tile) window of xp at stride `stride`, tile = mat.shape[1]: (p*p, n, ht, wt, c)
+    for p = mat.shape[0]; xp already padded to at least (ht - 1) * stride + tile on each side."""
+    p, tile = mat.shape
+    n, _, w, c = xp.shape
+    rows = jnp.stack([jax.lax.slice(xp, (0, i, 0, 0), (n, i + stride * (ht - 1) + 1, w, c), (1, stride, 1, 1))
+                      for i in range(tile)])  # (tile, n, ht, w, c)
+    rows = _apply(mat, rows, 0, form)  # (p, n, ht, w, c)
+    cols = jnp.stack([jax.lax.slice(rows, (0, 0, 0, j, 0), (p, n, ht, j + stride * (wt - 1) + 1, c),
+                                    (1, 1, 1, stride, 1)) for j in range(tile)], axis=1)  # (p, tile, n, ht, wt, c)
+    return _apply(mat, cols, 1, form).reshape(p * p, n, ht, wt, c)
+
+
+def tiles_out(t, mat: np.ndarray, stride: int, h: int, w: int, offset: int = 0, form: str = "pairs"):
+    """The map y[n, ts + i, us + j] = sum over tiles (t, u) and (p, q) of mat[i, p] mat[j, q] T[p, q, n, t, u]
+    (tiles of mat.shape[0] rows at stride `stride`, overlapping when that is more than the stride), cropped to
+    rows and columns offset ... offset + h (w): the transpose of `tiles_in`, and the Winograd output transform."""
+    tile, p = mat.shape
+    _, n, ht, wt, c = t.shape
+    t = t.reshape(p, p, n, ht, wt, c)
+    d = _apply(mat, _apply(mat, t, 1, form), 0, form)  # (tile, tile, n, ht, wt, c)
+    extra = tiles(tile, stride) - 1  # tiles each output row can be reached from, beyond its own
+    if extra:
+        # tile offset i = i0 + stride * k reaches row (t + k) * stride + i0: pad the tile axes to whole strides,
+        # split them into (k, i0), and sum the k-shifted tile grids
+        full = (extra + 1) * stride
+        zero = jnp.zeros((), d.dtype)
+        d = jax.lax.pad(d, zero, [(0, full - tile, 0)] * 2 + [(0, 0, 0)] * 4)
+        d = d.reshape(extra + 1, stride, extra + 1, stride, n, ht, wt, c)
+        d = functools.reduce(jnp.add, [
+            jax.lax.pad(d[k, :, l], zero, [(0, 0, 0)] * 3 + [(k, extra - k, 0), (l, extra - l, 0), (0, 0, 0)])
+            for k in range(extra + 1) for l in range(extra + 1)])
+    ht, wt = ht + extra, wt + extra
+    y = d.transpose(2, 3, 0, 4, 1, 5).reshape(n, ht * stride, wt * stride, c)
+    return y[:, offset:offset + h, offset:offset + w]
+
+
+def _shapes(x_shape, r: int, padding: int, m: int):
+    n, h, w, _ = x_shape
+    ho, wo = h + 2 * padding - r + 1, w + 2 * padding - r + 1
+    return ho, wo, tiles(ho, m), tiles(wo, m)
+
+
+def _padded(x, padding: int, m: int, r: int, ht: int, wt: int):
+    a = m + r - 1
+    _, h, w, _ = x.shape
+    hp, wp = (ht - 1) * m + a, (wt - 1) * m + a
+    return jax.lax.pad(x, jnp.zeros((), x.dtype),
+                       [(0, 0, 0), (padding, hp - h - padding, 0), (padding, wp - w - padding, 0), (0, 0, 0)])
+
+
+def filter_transform(kernel, g: np.ndarray):
+    """G g G^T per (input, output) channel pair: (a*a, c, k)."""
+    r, _, c, k = kernel.shape
+    a = g.shape[0]
+    return _apply(g, _apply(g, kernel, 1, FORMS["filter"]), 0, FORMS["filter"]).reshape(a * a, c, k)
+
+
+def filter_transform_transpose(du, g: np.ndarray):
+    """G^T dU G: the kernel's gradient from the transform-domain one, (r, r, c, k)."""
+    a, r = g.shape
+    _, c, k = du.shape
+    return _apply(g.T, _apply(g.T, du.reshape(a, a, c, k), 1, FORMS["filter"]), 0, FORMS["filter"])
+
+
+def _per_chunk(n: int, per_image_bytes: int) -> int:
+    """Images per chunk: the largest divisor of n whose chunk stays within CHUNK_BYTES (at least 1). With more
+    than one device, the whole batch: a loop over a batch sharded across devices would gather it onto each."""
+    if jax.device_count() > 1:
+        return n
+    return max([d for d in range(1, n + 1) if n % d == 0 and d * per_image_bytes <= CHUNK_BYTES] or [1])
+
+
+def _chunked(fn, per: int, total, *arrays):
+    """fn(total, *chunks) -> (total, out) over chunks of `per` images of each array (leading axis n), `total`
+    carried from chunk to chunk and the outs concatenated along n; a loop (lax.scan) when there is more than
+    one chunk."""
+    n = arrays[0].shape[0]
+    if per == n:
+        return fn(total, *arrays)
+    total, out = jax.lax.scan(lambda s, xs: fn(s, *xs), total,
+                              tuple(a.reshape(n // per, per, *a.shape[1:]) for a in arrays))
+    return total, out.reshape(n, *out.shape[2:])
+
+
+def conv_winograd(x, kernel, padding: int, m: int):
+    """Stride-1 r x r convolution of NHWC x by HWIO kernel with F(m x m, r x r), forward and backward."""
+    return _winograd(x, kernel, padding, m)
+
+
+def _plan(x_shape, k_shape, padding: int, m: int):
+    r, _, c, k = k_shape
+    a = m + r - 1
+    ho, wo, ht, wt = _shapes(x_shape, r, padding, m)
+    per = _per_chunk(x_shape[0], a * a * ht * wt * max(c, k) * 4)
+    return (r, c, k, a, ho, wo, ht, wt, per, *transforms(m, r))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _winograd(x, kernel, padding: int, m: int):
+    r, c, k, a, ho, wo, ht, wt, per, at, g, bt = _plan(x.shape, kernel.shape, padding, m)
+    u = filter_transform(kernel, g)
+
+    def chunk(_, xc):
+        v = tiles_in(_padded(xc, padding, m, r, ht, wt), bt, m, ht, wt, FORMS["data"]).reshape(a * a, -1, c)
+        mm = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))
+        return (), tiles_out(mm.reshape(a * a, xc.shape[0], ht, wt, k), at, m, ho, wo, form=FORMS["output"])
+
+    return _chunked(chunk, per, (), x)[1]
+
+
+def _winograd_fwd(x, kernel, padding, m):
+    return _winograd(x, kernel, padding, m), (x, kernel)  # x, not V: the backward recomputes V chunk by chunk
+
+
+def _winograd_bwd(padding, m, res, dy):
+    """dM = A dY A^T per output tile; dU = V^T dM and dV = dM U^T per position (batched dots); the kernel's
+    gradient G^T dU G, the input's the overlapping sum of B dV B^T over the input tiles."""
+    x, kernel = res
+    r, c, k, a, ho, wo, ht, wt, per, at, g, bt = _plan(x.shape, kernel.shape, padding, m)
+    u = filter_transform(kernel, g)
+    h, w = x.shape[1:3]
+
+    def chunk(du, xc, dyc):
+        v = tiles_in(_padded(xc, padding, m, r, ht, wt), bt, m, ht, wt, FORMS["data"]).reshape(a * a, -1, c)
+        dyp = jax.lax.pad(dyc, jnp.zeros((), dyc.dtype),
+                          [(0, 0, 0), (0, ht * m - ho, 0), (0, wt * m - wo, 0), (0, 0, 0)])
+        dm = tiles_in(dyp, at.T, m, ht, wt, FORMS["output_grad"]).reshape(a * a, -1, k)
+        du = du + jax.lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))))  # (a*a, c, k)
+        dv = jax.lax.dot_general(dm, u, (((2,), (2,)), ((0,), (0,))))  # (a*a, P, c)
+        return du, tiles_out(dv.reshape(a * a, xc.shape[0], ht, wt, c), bt.T, m, h, w, offset=padding,
+                             form=FORMS["data_grad"])
+
+    du, dx = _chunked(chunk, per, jnp.zeros((a * a, c, k), u.dtype), x, dy)
+    dkernel = filter_transform_transpose(du, g)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_winograd.defvjp(_winograd_fwd, _winograd_bwd)
