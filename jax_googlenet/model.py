@@ -346,7 +346,9 @@ def googlenet(variant: str = "torchvision", *, num_classes: int = 1000, in_chann
       impl: how convolutions and max pools are computed: "xla" (XLA's convolution and reduce_window,
         autodiff backward), "slices" (1x1 convs as dots; k x k stride-1 convs with a backward of dots and
         XLA's convolution forward on maps of 8x8 and more; max pools as maxima of shifted slices with a
-        first-maximum backward), or "auto" ("slices" on the CPU, where it runs faster, "xla" elsewhere).
+        first-maximum backward), "winograd" ("slices" with Winograd's F(4x4, 3x3) and F(2x2, 3x3) and dense
+        products on maps smaller than the kernel: fewer multiplications), or "auto" ("winograd" on the CPU,
+        where it runs fastest, "xla" elsewhere; see `jax_googlenet.ops`).
         The parameters and the results are the same either way (up to float rounding order).
 
     Returns:

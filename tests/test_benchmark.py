@@ -69,13 +69,14 @@ def test_jax_cold_compile_is_slower_than_the_warm_one_from_the_persistent_cache(
 
 
 @pytest.mark.slow
-def test_flops_come_from_xla_and_agree_with_pytorchs_counter_up_to_what_each_counts(tiny):
-    # XLA skips the multiply-adds that land on convolution padding (large at 32 px: a quarter of the work)
-    # and adds the elementwise ops; FlopCounterMode counts full kernels and only convolutions and matmuls.
+def test_flops_come_from_pytorchs_counter_and_xla_counts_no_more_than_it(tiny):
+    # MFU counts the direct convolutions' work (FlopCounterMode) for every variant. XLA's cost analysis counts
+    # the compiled step's own: no multiply-adds on the convolution padding (large at 32 px), Winograd's fewer
+    # products, the elementwise ops that FlopCounterMode ignores.
     result = tiny[0]
-    assert {c["flops_source"] for c in result["cells"]} == {"XLA cost_analysis of the JAX step"}
+    assert {c["flops_source"] for c in result["cells"]} == {"torch FlopCounterMode"}
     for check in result["flops_check"]:
-        assert 0.5 < check["xla_flops"] / check["torch_flops"] < 1.5, check
+        assert 0.1 < check["xla_flops"] / check["torch_flops"] < 1.5, check
     train, evaluation = (next(c for c in result["flops_check"] if c["workload"] == w) for w in ("train", "eval"))
     assert train["torch_flops"] > 2.5 * evaluation["torch_flops"]  # backward ~2x forward, plus the aux heads
 

@@ -56,7 +56,7 @@ SLOW = pytest.mark.slow  # 15-30 s each on 2 CPU cores; (97, 1) is the quick sub
 @pytest.mark.parametrize("side, batch, transform_input, impl", [
     pytest.param(224, 2, False, "auto", marks=SLOW), pytest.param(224, 2, True, "auto", marks=SLOW),
     pytest.param(225, 2, False, "auto", marks=SLOW), (97, 1, True, "auto"),
-    # "auto" is "slices" on the CPU; "xla" (the GPU's) at an odd size, ceil-mode pools
+    # "auto" is "winograd" on the CPU; "xla" (the GPU's) at an odd size, ceil-mode pools
     pytest.param(225, 2, False, "xla", marks=SLOW),
 ])
 def test_eval_logits_equal_torchvision(torchvision_state_dict, variables, side, batch, transform_input, impl):
@@ -168,7 +168,7 @@ def torch_sgd_steps(torchvision_state_dict):
 
 @pytest.fixture(scope="module", params=["auto", "xla"])
 def sgd_steps_pair(request, torch_sgd_steps, variables):
-    """The same two steps in float64 with `make_optimizer` (optax.sgd), for each impl ("auto" is "slices" on
+    """The same two steps in float64 with `make_optimizer` (optax.sgd), for each impl ("auto" is "winograd" on
     the CPU). x64 is enabled only inside this fixture, so no other test sees it."""
     model = without_dropout("torchvision", dtype=jnp.float64, param_dtype=jnp.float64, impl=request.param)
     tx = make_optimizer(LR, momentum=MOMENTUM)

@@ -135,8 +135,10 @@ def measure_config(workload, batch, dtype, args, frameworks, torch, events, peak
              "torch_flops": torch_runner.counted_flops() if torch_runner else None}
     if check["xla_flops"] and check["torch_flops"]:
         check["xla_over_torch"] = check["xla_flops"] / check["torch_flops"]
-    flops = check["xla_flops"] or check["torch_flops"]
-    source = "XLA cost_analysis of the JAX step" if check["xla_flops"] else "torch FlopCounterMode"
+    # The direct convolutions' count for every variant when PyTorch runs: XLA's cost analysis counts what the
+    # compiled step does, Winograd's fewer products and a loop's body once (not per iteration).
+    flops = check["torch_flops"] or check["xla_flops"]
+    source = "torch FlopCounterMode" if check["torch_flops"] else "XLA cost_analysis of the JAX step"
     cells = []
     for r in runners:
         per_step = seconds[id(r)]

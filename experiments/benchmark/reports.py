@@ -63,9 +63,10 @@ def markdown(result: dict) -> str:
                      f"{g(f['xla_flops'])} | {g(f['torch_flops'])} | {fmt(f.get('xla_over_torch'), '.3f')} |")
     cells = result["cells"]
     memory = sorted({c["memory_method"] for c in cells})
-    lines += ["", "XLA counts fewer convolution FLOPs (it skips multiply-adds on the zero padding, which PyTorch's "
-              "counter includes) and adds elementwise work (BatchNorm, ReLU, pooling, loss, update) that PyTorch's "
-              "counter ignores; both count 2 FLOPs per multiply-add.", "",
+    lines += ["", "GFLOP/s and MFU divide PyTorch's count (the direct convolutions' multiply-adds, 2 FLOPs each) by "
+              "each variant's step time when PyTorch runs, XLA's otherwise. XLA's cost analysis counts the compiled "
+              "step's own work: Winograd's fewer products, no multiply-adds on the zero padding, the elementwise ops "
+              "that PyTorch's counter ignores, and a loop's body once rather than per iteration.", "",
               "Peak MB: " + "; ".join(memory) + ".", "",
               "First call: JAX's is trace + lower + compile (cold: nothing cached; warm: the executable loaded from "
               "the persistent cache; -: not measured); torch.compile's is its first call, one step included "
