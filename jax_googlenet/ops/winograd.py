@@ -25,6 +25,7 @@ from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 # Interpolation points (the last one, infinity, is implicit): small integers first, then halves, as in the
@@ -86,10 +87,10 @@ def _combine(coeffs: np.ndarray, terms: list) -> jax.Array:
     for c, t in zip(coeffs, terms):
         if c == 0:
             continue
-        t = t if c == 1 else (-t if c == -1 else t * jnp.asarray(c, t.dtype))
-        out = t if out is None else out + t
+        t = t if c == 1 else (lax.neg(t) if c == -1 else lax.mul(t, lax.full_like(t, c)))
+        out = t if out is None else lax.add(out, t)
     if out is None:
-        return jnp.zeros_like(terms[0])
+        return lax.full_like(terms[0], 0)
     return out
 
 
@@ -120,7 +121,7 @@ def _linear(mat: np.ndarray, parts: list) -> list:
         even = np.arange(mat.shape[1]) % 2 == 0
         for a, b, sign in row_pairs:
             e, o = _combine(mat[a] * even, parts), _combine(mat[a] * ~even, parts)
-            out[a], out[b] = e + o, (e - o if sign == 1 else o - e)
+            out[a], out[b] = lax.add(e, o), (lax.sub(e, o) if sign == 1 else lax.sub(o, e))
         return [_combine(row, parts) if out[r] is None else out[r] for r, row in enumerate(mat)]
     col_pairs = _paired(mat, rows=False)
     if col_pairs:
@@ -128,7 +129,7 @@ def _linear(mat: np.ndarray, parts: list) -> list:
         for a, b, sign in col_pairs:
             # row r: mat[r, a] (parts[a] + sign (-1)^r parts[b]): the sum on some rows, the difference on the others
             diff = (np.arange(len(mat)) % 2 == 1) == (sign == 1)
-            parts[a], parts[b] = parts[a] + parts[b], parts[a] - parts[b]
+            parts[a], parts[b] = lax.add(parts[a], parts[b]), lax.sub(parts[a], parts[b])
             mat[diff, b], mat[diff, a] = mat[diff, a], 0
             mat[~diff, b] = 0
         return [_combine(row, parts) for row in mat]
@@ -143,20 +144,27 @@ def _linear(mat: np.ndarray, parts: list) -> list:
 FORMS = {"data": "broadcast", "output": "pairs", "output_grad": "pairs", "data_grad": "pairs", "filter": "pairs"}
 
 
-def _apply(mat: np.ndarray, stacked, axis: int, form: str):
-    """mat applied along `axis` of stacked (whose `axis` has mat.shape[1] entries): mat.shape[0] entries there."""
+def _apply_parts(mat: np.ndarray, parts: list, axis: int, form: str):
+    """sum_i mat[:, i] parts[i], stacked along a new `axis`: mat.shape[0] entries there."""
     if form == "broadcast":
-        shape = [1] * stacked.ndim
-        shape[axis] = mat.shape[0]
+        shape = list(parts[0].shape)
+        shape.insert(axis, mat.shape[0])
+        others = tuple(d for d in range(len(shape)) if d != axis)
         out = None
-        for i in range(mat.shape[1]):
+        for i, part in enumerate(parts):
             if not mat[:, i].any():
                 continue
-            term = jnp.asarray(mat[:, i], stacked.dtype).reshape(shape) * jax.lax.index_in_dim(stacked, i, axis)
-            out = term if out is None else out + term
+            column = lax.broadcast_in_dim(jnp.asarray(mat[:, i], part.dtype), shape, (axis,))
+            term = lax.mul(column, lax.broadcast_in_dim(part, shape, others))
+            out = term if out is None else lax.add(out, term)
         return out
-    parts = [jax.lax.index_in_dim(stacked, i, axis, keepdims=False) for i in range(mat.shape[1])]
-    return jnp.stack(_linear(mat, parts), axis=axis)
+    return lax.concatenate([lax.expand_dims(t, (axis,)) for t in _linear(mat, parts)], axis)
+
+
+def _apply(mat: np.ndarray, stacked, axis: int, form: str):
+    """mat applied along `axis` of stacked (whose `axis` has mat.shape[1] entries): mat.shape[0] entries there."""
+    parts = [lax.index_in_dim(stacked, i, axis, keepdims=False) for i in range(mat.shape[1])]
+    return _apply_parts(mat, parts, axis, form)
 
 
 def tiles_in(xp, mat: np.ndarray, stride: int, ht: int, wt: int, form: str = "pairs"):
@@ -164,12 +172,11 @@ def tiles_in(xp, mat: np.ndarray, stride: int, ht: int, wt: int, form: str = "pa
     for p = mat.shape[0]; xp already padded to at least (ht - 1) * stride + tile on each side."""
     p, tile = mat.shape
     n, _, w, c = xp.shape
-    rows = jnp.stack([jax.lax.slice(xp, (0, i, 0, 0), (n, i + stride * (ht - 1) + 1, w, c), (1, stride, 1, 1))
-                      for i in range(tile)])  # (tile, n, ht, w, c)
-    rows = _apply(mat, rows, 0, form)  # (p, n, ht, w, c)
-    cols = jnp.stack([jax.lax.slice(rows, (0, 0, 0, j, 0), (p, n, ht, j + stride * (wt - 1) + 1, c),
-                                    (1, 1, 1, stride, 1)) for j in range(tile)], axis=1)  # (p, tile, n, ht, wt, c)
-    return _apply(mat, cols, 1, form).reshape(p * p, n, ht, wt, c)
+    rows = _apply_parts(mat, [lax.slice(xp, (0, i, 0, 0), (n, i + stride * (ht - 1) + 1, w, c), (1, stride, 1, 1))
+                              for i in range(tile)], 0, form)  # (p, n, ht, w, c)
+    cols = [lax.slice(rows, (0, 0, 0, j, 0), (p, n, ht, j + stride * (wt - 1) + 1, c), (1, 1, 1, stride, 1))
+            for j in range(tile)]
+    return lax.reshape(_apply_parts(mat, cols, 1, form), (p * p, n, ht, wt, c))
 
 
 def tiles_out(t, mat: np.ndarray, stride: int, h: int, w: int, offset: int = 0, form: str = "pairs"):
@@ -178,7 +185,7 @@ def tiles_out(t, mat: np.ndarray, stride: int, h: int, w: int, offset: int = 0, 
     rows and columns offset ... offset + h (w): the transpose of `tiles_in`, and the Winograd output transform."""
     tile, p = mat.shape
     _, n, ht, wt, c = t.shape
-    t = t.reshape(p, p, n, ht, wt, c)
+    t = lax.reshape(t, (p, p, n, ht, wt, c))
     d = _apply(mat, _apply(mat, t, 1, form), 0, form)  # (tile, tile, n, ht, wt, c)
     extra = tiles(tile, stride) - 1  # tiles each output row can be reached from, beyond its own
     if extra:
@@ -186,14 +193,15 @@ def tiles_out(t, mat: np.ndarray, stride: int, h: int, w: int, offset: int = 0, 
         # split them into (k, i0), and sum the k-shifted tile grids
         full = (extra + 1) * stride
         zero = jnp.zeros((), d.dtype)
-        d = jax.lax.pad(d, zero, [(0, full - tile, 0)] * 2 + [(0, 0, 0)] * 4)
-        d = d.reshape(extra + 1, stride, extra + 1, stride, n, ht, wt, c)
-        d = functools.reduce(jnp.add, [
-            jax.lax.pad(d[k, :, l], zero, [(0, 0, 0)] * 3 + [(k, extra - k, 0), (l, extra - l, 0), (0, 0, 0)])
+        d = lax.pad(d, zero, [(0, full - tile, 0)] * 2 + [(0, 0, 0)] * 4)
+        d = lax.reshape(d, (extra + 1, stride, extra + 1, stride, n, ht, wt, c))
+        d = functools.reduce(lax.add, [
+            lax.pad(lax.index_in_dim(lax.index_in_dim(d, k, 0, keepdims=False), l, 1, keepdims=False), zero,
+                    [(0, 0, 0)] * 3 + [(k, extra - k, 0), (l, extra - l, 0), (0, 0, 0)])
             for k in range(extra + 1) for l in range(extra + 1)])
     ht, wt = ht + extra, wt + extra
-    y = d.transpose(2, 3, 0, 4, 1, 5).reshape(n, ht * stride, wt * stride, c)
-    return y[:, offset:offset + h, offset:offset + w]
+    y = lax.reshape(lax.transpose(d, (2, 3, 0, 4, 1, 5)), (n, ht * stride, wt * stride, c))
+    return lax.slice(y, (0, offset, offset, 0), (n, offset + h, offset + w, c))
 
 
 def _shapes(x_shape, r: int, padding: int, m: int):
@@ -206,22 +214,22 @@ def _padded(x, padding: int, m: int, r: int, ht: int, wt: int):
     a = m + r - 1
     _, h, w, _ = x.shape
     hp, wp = (ht - 1) * m + a, (wt - 1) * m + a
-    return jax.lax.pad(x, jnp.zeros((), x.dtype),
-                       [(0, 0, 0), (padding, hp - h - padding, 0), (padding, wp - w - padding, 0), (0, 0, 0)])
+    return lax.pad(x, jnp.zeros((), x.dtype),
+                   [(0, 0, 0), (padding, hp - h - padding, 0), (padding, wp - w - padding, 0), (0, 0, 0)])
 
 
 def filter_transform(kernel, g: np.ndarray):
     """G g G^T per (input, output) channel pair: (a*a, c, k)."""
     r, _, c, k = kernel.shape
     a = g.shape[0]
-    return _apply(g, _apply(g, kernel, 1, FORMS["filter"]), 0, FORMS["filter"]).reshape(a * a, c, k)
+    return lax.reshape(_apply(g, _apply(g, kernel, 1, FORMS["filter"]), 0, FORMS["filter"]), (a * a, c, k))
 
 
 def filter_transform_transpose(du, g: np.ndarray):
     """G^T dU G: the kernel's gradient from the transform-domain one, (r, r, c, k)."""
     a, r = g.shape
     _, c, k = du.shape
-    return _apply(g.T, _apply(g.T, du.reshape(a, a, c, k), 1, FORMS["filter"]), 0, FORMS["filter"])
+    return _apply(g.T, _apply(g.T, lax.reshape(du, (a, a, c, k)), 1, FORMS["filter"]), 0, FORMS["filter"])
 
 
 def _per_chunk(n: int, per_image_bytes: int) -> int:
@@ -239,9 +247,9 @@ def _chunked(fn, per: int, total, *arrays):
     n = arrays[0].shape[0]
     if per == n:
         return fn(total, *arrays)
-    total, out = jax.lax.scan(lambda s, xs: fn(s, *xs), total,
-                              tuple(a.reshape(n // per, per, *a.shape[1:]) for a in arrays))
-    return total, out.reshape(n, *out.shape[2:])
+    total, out = lax.scan(lambda s, xs: fn(s, *xs), total,
+                          tuple(lax.reshape(a, (n // per, per, *a.shape[1:])) for a in arrays))
+    return total, lax.reshape(out, (n, *out.shape[2:]))
 
 
 def conv_winograd(x, kernel, padding: int, m: int):
@@ -263,9 +271,10 @@ def _winograd(x, kernel, padding: int, m: int):
     u = filter_transform(kernel, g)
 
     def chunk(_, xc):
-        v = tiles_in(_padded(xc, padding, m, r, ht, wt), bt, m, ht, wt, FORMS["data"]).reshape(a * a, -1, c)
-        mm = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))
-        return (), tiles_out(mm.reshape(a * a, xc.shape[0], ht, wt, k), at, m, ho, wo, form=FORMS["output"])
+        v = lax.reshape(tiles_in(_padded(xc, padding, m, r, ht, wt), bt, m, ht, wt, FORMS["data"]),
+                        (a * a, xc.shape[0] * ht * wt, c))
+        mm = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))
+        return (), tiles_out(lax.reshape(mm, (a * a, xc.shape[0], ht, wt, k)), at, m, ho, wo, form=FORMS["output"])
 
     return _chunked(chunk, per, (), x)[1]
 
@@ -283,13 +292,14 @@ def _winograd_bwd(padding, m, res, dy):
     h, w = x.shape[1:3]
 
     def chunk(du, xc, dyc):
-        v = tiles_in(_padded(xc, padding, m, r, ht, wt), bt, m, ht, wt, FORMS["data"]).reshape(a * a, -1, c)
-        dyp = jax.lax.pad(dyc, jnp.zeros((), dyc.dtype),
-                          [(0, 0, 0), (0, ht * m - ho, 0), (0, wt * m - wo, 0), (0, 0, 0)])
-        dm = tiles_in(dyp, at.T, m, ht, wt, FORMS["output_grad"]).reshape(a * a, -1, k)
-        du = du + jax.lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))))  # (a*a, c, k)
-        dv = jax.lax.dot_general(dm, u, (((2,), (2,)), ((0,), (0,))))  # (a*a, P, c)
-        return du, tiles_out(dv.reshape(a * a, xc.shape[0], ht, wt, c), bt.T, m, h, w, offset=padding,
+        tiles_per_chunk = xc.shape[0] * ht * wt
+        v = lax.reshape(tiles_in(_padded(xc, padding, m, r, ht, wt), bt, m, ht, wt, FORMS["data"]),
+                        (a * a, tiles_per_chunk, c))
+        dyp = lax.pad(dyc, jnp.zeros((), dyc.dtype), [(0, 0, 0), (0, ht * m - ho, 0), (0, wt * m - wo, 0), (0, 0, 0)])
+        dm = lax.reshape(tiles_in(dyp, at.T, m, ht, wt, FORMS["output_grad"]), (a * a, tiles_per_chunk, k))
+        du = lax.add(du, lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,)))))  # (a*a, c, k)
+        dv = lax.dot_general(dm, u, (((2,), (2,)), ((0,), (0,))))  # (a*a, P, c)
+        return du, tiles_out(lax.reshape(dv, (a * a, xc.shape[0], ht, wt, c)), bt.T, m, h, w, offset=padding,
                              form=FORMS["data_grad"])
 
     du, dx = _chunked(chunk, per, jnp.zeros((a * a, c, k), u.dtype), x, dy)
