@@ -10,6 +10,17 @@ import torch
 from jax_googlenet.ops import conv, conv2d, local_response_norm, max_pool, winograd
 
 
+def forward_and_grads(conv, x, w, g):
+    """conv(x, w) and its input and kernel gradients for the cotangent g, jitted as one function (op-by-op
+    dispatch would compile each of the transforms' ops apart)."""
+
+    def run(x, w, g):
+        y, vjp = jax.vjp(conv, x, w)
+        return (y, *vjp(g))
+
+    return jax.jit(run)(x, w, g)
+
+
 def assert_conv_equals_torch(rng, batch: int, side: int, k: int, stride: int, pad: int, impl: str = "slices",
                              conv=None) -> None:
     """conv2d(impl=impl) (or `conv(x, w)`) against torch.nn.functional.conv2d in float64: forward, input and
@@ -21,9 +32,8 @@ def assert_conv_equals_torch(rng, batch: int, side: int, k: int, stride: int, pa
     g = rng.normal(size=yt.shape)
     yt.backward(torch.from_numpy(g))
     with jax.enable_x64(True):
-        conv = conv or (lambda a, b: conv2d(a, b, stride, pad, impl))
-        y, vjp = jax.vjp(conv, jnp.asarray(x), jnp.asarray(w))
-        dx, dw = vjp(jnp.asarray(g).transpose(0, 2, 3, 1))
+        y, dx, dw = forward_and_grads(conv or (lambda a, b: conv2d(a, b, stride, pad, impl)), jnp.asarray(x),
+                                      jnp.asarray(w), jnp.asarray(g).transpose(0, 2, 3, 1))
     np.testing.assert_allclose(y, yt.detach().permute(0, 2, 3, 1).numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dx, xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dw, wt.grad.permute(2, 3, 1, 0).numpy(), rtol=1e-12, atol=1e-12)
@@ -76,8 +86,8 @@ def test_winograd_keeps_the_direct_convolution_in_bfloat16():
 
 
 # (output side, input channels, output channels) of the torchvision variant's 3x3 convolutions at 224 that
-# conv.WINOGRAD sends to Winograd: conv3 and inception 3b (F4), inception 4e (F2).
-LAYERS_224 = [(56, 64, 192), (28, 128, 192), (14, 160, 320)]
+# conv.WINOGRAD sends to Winograd: conv3, inception 3a and 3b (F4), inception 4a and 4e (F2).
+LAYERS_224 = [(56, 64, 192), (28, 96, 128), (28, 128, 192), (14, 96, 208), (14, 160, 320)]
 
 
 @pytest.mark.parametrize("side, cin, cout", LAYERS_224)
@@ -97,9 +107,8 @@ def test_winograd_float32_error_on_the_networks_layer_shapes_is_bounded(side, ci
     yt.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
     want = [yt.detach().permute(0, 2, 3, 1).numpy(), xt.grad.permute(0, 2, 3, 1).numpy(),
             wt.grad.permute(2, 3, 1, 0).numpy()]
-    y, vjp = jax.vjp(lambda a, b: conv2d(a, b, 1, 1, "winograd"), jnp.asarray(x, jnp.float32),
-                     jnp.asarray(w, jnp.float32))
-    got = [y, *vjp(jnp.asarray(g, jnp.float32))]
+    got = forward_and_grads(lambda a, b: conv2d(a, b, 1, 1, "winograd"), jnp.asarray(x, jnp.float32),
+                            jnp.asarray(w, jnp.float32), jnp.asarray(g, jnp.float32))
     for name, a, b in zip(("forward", "input gradient", "kernel gradient"), got, want):
         error = np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
         assert error < 1e-5, f"{name}: relative error {error:.1e}"
