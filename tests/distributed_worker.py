@@ -14,7 +14,7 @@ from flax import traverse_util
 from jax_googlenet import distributed, googlenet
 from jax_googlenet import train as T
 
-GLOBAL_BATCH, SIDE = 8, 16
+GLOBAL_BATCH, SIDE = 8, 24
 
 
 def global_batch() -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # One thread each: CI machines are shared, and oversubscribed OpenMP threads make PyTorch crawl.
-TINY = ["--threads", "1", "--batch-sizes", "2", "--image-size", "16", "--repeats", "1", "--steps", "1", "--warmup", "1",
+TINY = ["--threads", "1", "--batch-sizes", "2", "--image-size", "32", "--repeats", "1", "--steps", "1", "--warmup", "1",
         "--workloads", "eval,train", "--frameworks", "jax,torch", "--torch-variants", "eager,channels_last"]
 SPREAD = ("ms_per_step", "images_per_s")
 COMPILE_FIELDS = ("compile_cold_s", "compile_warm_s", "warm_cache_hit")

@@ -58,10 +58,11 @@ def test_slices_convolution_and_its_gradients_equal_torchs_conv2d(side, k, pad):
 
 @pytest.mark.parametrize("side, k, pad", [(1, 3, 1), (2, 3, 1), (3, 3, 1), (6, 3, 1), (12, 3, 1), (4, 5, 2),
                                           (9, 5, 2)])
-def test_winograd_path_and_its_gradients_equal_torchs_conv2d(side, k, pad):
+def test_winograd_path_and_its_gradients_equal_torchs_conv2d(side, k, pad, monkeypatch):
     """impl="winograd": dense products on maps smaller than the kernel (1x1 and 2x2 for 3x3, 4x4 for 5x5),
     F(m x m, k x k) where conv.WINOGRAD's tiles divide the output (F4 on 12, F2 on 6), the slices path
-    elsewhere (3, and 9 for 5x5); float64, to 1e-12."""
+    elsewhere (3, and 9 for 5x5); float64, to 1e-12. (The inputs' 3 channels pass WINOGRAD_MIN_CHANNELS here.)"""
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 3)
     assert_conv_equals_torch(np.random.default_rng(side * k + pad), 2, side, k, 1, pad, "winograd")
 
 
@@ -74,13 +75,14 @@ def test_winograd_tiles_and_their_gradients_equal_torchs_conv2d(m, k, side, pad,
                              conv=lambda a, b: winograd.conv_winograd(a, b, pad, m))
 
 
-def test_winograd_keeps_the_direct_convolution_in_bfloat16():
+def test_winograd_keeps_the_direct_convolution_in_bfloat16(monkeypatch):
     """In bfloat16 impl="winograd" runs the slices path, bit for bit: Winograd's transforms would multiply
     bfloat16's rounding error."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 20, 20, 3)), jnp.bfloat16)
     w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.bfloat16)
-    assert conv.winograd_tile(3, 20, 20) is not None
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 3)
+    assert conv.winograd_tile(3, 20, 20, 3) is not None
     np.testing.assert_array_equal(np.asarray(conv2d(x, w, 1, 1, "winograd"), np.float32),
                                   np.asarray(conv2d(x, w, 1, 1, "slices"), np.float32))
 
@@ -95,7 +97,7 @@ def test_winograd_float32_error_on_the_networks_layer_shapes_is_bounded(side, ci
     """Relative error (Frobenius) of the float32 forward and both gradients against a float64 reference, on
     inputs like the network's (ReLU outputs, He-scaled kernel): at most 1e-5 (measured up to 3e-6 for
     F(4x4, 3x3); XLA's own float32 convolution 1e-6)."""
-    assert conv.winograd_tile(3, side, side) is not None
+    assert conv.winograd_tile(3, side, side, cin) is not None
     rng = np.random.default_rng(side + cin)
     x = np.maximum(rng.normal(size=(1, side, side, cin)), 0)
     w = rng.normal(size=(3, 3, cin, cout)) * np.sqrt(2 / (9 * cin))

@@ -60,10 +60,16 @@ def _im2col_weight_grad(x, dy, k: int, padding: int, stride: int = 1, acc=None):
 # "Winograd convolution"): F(4x4, 3x3) on 56, 28, 24, 12 and 8, F(2x2, 3x3) on 14 and 6; the 7x7 maps (two
 # tiles of 4 for 7 outputs) and the 5x5 convolutions did not pay.
 WINOGRAD = {3: (4, 2)}
+# ... and only with at least this many input channels: the narrow 3x3 convolutions of the inception blocks'
+# third branch (16 to 48 channels in) save under 1 ms each per 16/224 step, and each costs its transforms'
+# compile.
+WINOGRAD_MIN_CHANNELS = 64
 
 
-def winograd_tile(k: int, ho: int, wo: int) -> int | None:
-    """m of F(m x m, k x k) for a stride-1 k x k convolution with ho x wo outputs, or None."""
+def winograd_tile(k: int, ho: int, wo: int, c: int) -> int | None:
+    """m of F(m x m, k x k) for a stride-1 k x k convolution of c input channels with ho x wo outputs, or None."""
+    if c < WINOGRAD_MIN_CHANNELS:
+        return None
     return next((m for m in WINOGRAD.get(k, ()) if ho % m == 0 and wo % m == 0), None)
 
 
@@ -87,7 +93,7 @@ def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
         h, w = x.shape[1:3]
         if h * w < k * k:
             return _conv_dense(x, kernel, padding)
-        m = winograd_tile(k, h + 2 * padding - k + 1, w + 2 * padding - k + 1)
+        m = winograd_tile(k, h + 2 * padding - k + 1, w + 2 * padding - k + 1, x.shape[-1])
         if m is not None and jnp.finfo(x.dtype).nmant >= jnp.finfo(jnp.float32).nmant:
             return conv_winograd(x, kernel, padding, m)
     return _conv_kxk(x, kernel, padding)
