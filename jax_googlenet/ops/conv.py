@@ -60,9 +60,9 @@ def _im2col_weight_grad(x, dy, k: int, padding: int, stride: int = 1, acc=None):
 # "Winograd convolution"): F(4x4, 3x3) on 56, 28, 24, 12 and 8, F(2x2, 3x3) on 14 and 6; the 7x7 maps (two
 # tiles of 4 for 7 outputs) and the 5x5 convolutions did not pay.
 WINOGRAD = {3: (4, 2)}
-# ... and only with at least this many input channels: the narrow 3x3 convolutions of the inception blocks'
-# third branch (16 to 48 channels in) save under 1 ms each per 16/224 step, and each costs its transforms'
-# compile.
+# ... and only with at least this many input channels: leaving the inception blocks' narrow third-branch 3x3
+# convolutions (16 to 48 channels in) on `_conv_kxk` took 5 s off the 16/224 train step's compile for ~2% of
+# its speed (NOTES.md, "Winograd convolution", W12).
 WINOGRAD_MIN_CHANNELS = 64
 
 
