@@ -131,7 +131,8 @@ def run(args) -> list[dict]:
         times = {key: [] for key in [*(f"{i} {p}" for i in args.impls for p in ("fwd", "f+b")), "torch fwd",
                                      "torch f+b"]}
         calls = [(f"{impl} fwd", lambda f=f, a=a: jax.block_until_ready(f(*a))) for impl, (f, a, _, _) in ours.items()]
-        calls += [(f"{impl} f+b", lambda b=b, ba=ba: jax.block_until_ready(b(*ba))) for impl, (_, _, b, ba) in ours.items()]
+        calls += [(f"{impl} f+b", lambda b=b, ba=ba: jax.block_until_ready(b(*ba)))
+                  for impl, (_, _, b, ba) in ours.items()]
         calls += [("torch fwd", theirs[0]), ("torch f+b", theirs[1])]
         for rep in range(args.repeats):
             for key, call in calls[rep % len(calls):] + calls[:rep % len(calls)]:  # rotate who goes first

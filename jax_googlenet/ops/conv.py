@@ -13,9 +13,11 @@
 "winograd", the CPU's default: as "slices", with fewer multiplications for stride-1 k x k convolutions:
 - maps of fewer than k*k positions (3x3 on 2x2 and 1x1, 5x5 below 5x5): one dense product without the zero
   taps of the padding (`_conv_dense`);
-- maps that `WINOGRAD` lists: Winograd's F(m x m, k x k) (`jax_googlenet.ops.winograd`).
-Every figure is from benchmarks/NOTES.md, sections "Attempts" and "Winograd convolution", measured in the full train step on the project's
-2-core CPU; tests/test_ops.py checks each path against `torch.nn.functional.conv2d` in float64.
+- maps that `WINOGRAD` tiles, from WINOGRAD_MIN_CHANNELS input channels: Winograd's F(m x m, k x k)
+  (`jax_googlenet.ops.winograd`).
+Every figure is from benchmarks/NOTES.md, sections "Attempts" and "Winograd convolution", measured in the full
+train step on the project's 2-core CPU; tests/test_ops.py checks each path against `torch.nn.functional.conv2d`
+in float64.
 """
 
 from __future__ import annotations
