@@ -265,14 +265,20 @@ def _plan(x_shape, k_shape, padding: int, m: int):
     return (r, c, k, a, ho, wo, ht, wt, per, *transforms(m, r))
 
 
+def _data_tiles(x, padding: int, m: int, r: int, ht: int, wt: int, bt: np.ndarray):
+    """V = B^T d B for every input tile of x: (a*a, n*ht*wt, c), the forward's and the backward's left operand."""
+    a = bt.shape[0]
+    v = tiles_in(_padded(x, padding, m, r, ht, wt), bt, m, ht, wt, FORMS["data"])
+    return lax.reshape(v, (a * a, x.shape[0] * ht * wt, x.shape[-1]))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _winograd(x, kernel, padding: int, m: int):
     r, c, k, a, ho, wo, ht, wt, per, at, g, bt = _plan(x.shape, kernel.shape, padding, m)
     u = filter_transform(kernel, g)
 
     def chunk(_, xc):
-        v = lax.reshape(tiles_in(_padded(xc, padding, m, r, ht, wt), bt, m, ht, wt, FORMS["data"]),
-                        (a * a, xc.shape[0] * ht * wt, c))
+        v = _data_tiles(xc, padding, m, r, ht, wt, bt)
         mm = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))
         return (), tiles_out(lax.reshape(mm, (a * a, xc.shape[0], ht, wt, k)), at, m, ho, wo, form=FORMS["output"])
 
@@ -293,8 +299,7 @@ def _winograd_bwd(padding, m, res, dy):
 
     def chunk(du, xc, dyc):
         tiles_per_chunk = xc.shape[0] * ht * wt
-        v = lax.reshape(tiles_in(_padded(xc, padding, m, r, ht, wt), bt, m, ht, wt, FORMS["data"]),
-                        (a * a, tiles_per_chunk, c))
+        v = _data_tiles(xc, padding, m, r, ht, wt, bt)
         dyp = lax.pad(dyc, jnp.zeros((), dyc.dtype), [(0, 0, 0), (0, ht * m - ho, 0), (0, wt * m - wo, 0), (0, 0, 0)])
         dm = lax.reshape(tiles_in(dyp, at.T, m, ht, wt, FORMS["output_grad"]), (a * a, tiles_per_chunk, k))
         du = lax.add(du, lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,)))))  # (a*a, c, k)
