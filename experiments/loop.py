@@ -36,7 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from experiments import progress
-from jax_googlenet import compilation_cache, distributed
+from jax_googlenet import compilation_cache, distributed, host_memory
 
 MAX_TO_KEEP = 3  # checkpoints kept
 
@@ -88,6 +88,8 @@ def add_run_flags(p: argparse.ArgumentParser, name: str) -> None:
                    help="computation dtype; parameters and optimizer state stay float32")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not use the persistent XLA compilation cache (~/.cache/jax_googlenet/xla)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (default: it keeps freed blocks for the next step)")
 
 
 def check_run_flags(args, positive: tuple[str, ...]) -> None:
@@ -104,9 +106,12 @@ def check_run_flags(args, positive: tuple[str, ...]) -> None:
 
 
 def start_process(coordinator: str | None, num_processes: int | None, process_id: int | None, *,
-                  compile_cache: bool) -> None:
-    """Join a multi-process run if there is one, and turn the persistent compilation cache on."""
+                  compile_cache: bool, keep_memory: bool) -> None:
+    """Join a multi-process run if there is one, keep freed host memory for reuse (`host_memory`) and turn the
+    persistent compilation cache on."""
     distributed.initialize(coordinator, num_processes, process_id)
+    if keep_memory:
+        print(host_memory.keep_freed_memory(), flush=True)
     if compile_cache:
         compilation_cache.enable()
 

@@ -99,6 +99,10 @@ def test_markdown_and_plot_are_written(tiny):
     assert "| JAX jit |" in text and "| PyTorch eager channels_last |" in text and "XLA / PyTorch" in text
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "threads: " in stdout
+    # one allocator setting for both frameworks, printed, recorded and stated in the report
+    assert "host memory: freed blocks kept for reuse" in stdout
+    assert tiny[0]["settings"]["host_memory"].startswith("host memory: freed blocks kept")
+    assert "never trim; --system-malloc leaves malloc as it is), for both frameworks" in text
 
 
 def test_peaks_are_stated_from_the_cpus_vector_units_or_the_gpu_data_sheet():

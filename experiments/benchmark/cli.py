@@ -23,6 +23,7 @@ from experiments.benchmark.runners import (DTYPES, FRAMEWORKS, TORCH_VARIANTS, W
                                           TorchRunner, torch_compile_caches)
 from experiments.benchmark.timing import spread, steps_per_window, time_window
 from jax_googlenet import compilation_cache
+from jax_googlenet.host_memory import keep_freed_memory
 
 DESCRIPTION = "XLA performance benchmark: the project's jitted GoogLeNet against torchvision's googlenet in PyTorch."
 
@@ -77,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="peak to state MFU against (default: detected)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="turn off JAX's persistent compilation cache and PyTorch Inductor's caches")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (default: both frameworks' freed blocks are kept for reuse)")
     p.add_argument("--compile-cache-dir", default=None, help="default $JAX_GOOGLENET_CACHE_DIR or "
                    "~/.cache/jax_googlenet/xla")
     p.add_argument("--skip-cold-compile", action="store_true",
@@ -164,6 +167,9 @@ def measure_config(workload, batch, dtype, args, frameworks, torch, events, peak
 
 def run(args) -> dict[str, Any]:
     threads = configure_threads(args.threads)
+    # One process runs both frameworks: the allocator setting applies to each alike.
+    memory_line = "host memory: system allocator (--system-malloc)" if args.system_malloc else keep_freed_memory()
+    print(memory_line, flush=True)
     frameworks = args.frameworks
     torch = None
     if "torch" in frameworks:
@@ -199,7 +205,7 @@ def run(args) -> dict[str, Any]:
             peaks[dtype] = cpu_peak(machine["cpu"], threads, dtype)
     result = {"command": "python -m experiments.benchmark " + " ".join(sys.argv[1:]), "machine": machine,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} |
-                          {"dtypes": dtypes, "threads": threads},
+                          {"dtypes": dtypes, "threads": threads, "host_memory": memory_line},
               "peak": {d: {"tflops": p / 1e12, "how": how} for d, (p, how) in peaks.items()},
               "flops_check": [], "cells": [], "complete": False}
     for workload in args.workloads:

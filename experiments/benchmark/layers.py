@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmark.machine import configure_threads
+from jax_googlenet.host_memory import keep_freed_memory
 
 
 def model_layers(image_size: int, batch: int) -> list[dict]:
@@ -151,7 +152,8 @@ def run(args) -> list[dict]:
 def markdown(rows: list[dict], args) -> str:
     keys = [k for k in rows[0] if k not in ("name", "shape", "op")]
     lines = [f"Command: `python -m experiments.benchmark.layers {' '.join(sys.argv[1:])}`", "",
-             f"ms per call, median of {args.repeats}; f+b = forward and the step's gradients.", "",
+             f"ms per call, median of {args.repeats}; f+b = forward and the step's gradients; {args.host_memory}.",
+             "",
              "| layer | input (NHWC) | op | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
     for r in rows:
         lines.append(f"| {r['name']} | {r['shape']} | {r['op']} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
@@ -168,8 +170,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both (default: all this process may use)")
     p.add_argument("--only", default=None, help="comma-separated substrings of the layer names to keep")
+    p.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc as it is (as the benchmark)")
     p.add_argument("--markdown", type=Path, default=None)
     args = p.parse_args(argv)
+    args.host_memory = ("host memory: system allocator (--system-malloc)" if args.system_malloc
+                        else keep_freed_memory())
+    print(args.host_memory, flush=True)
     args.impls = args.impls.split(",")
     args.only = args.only.split(",") if args.only else None
     args.threads = configure_threads(args.threads)

@@ -34,7 +34,8 @@ def markdown(result: dict) -> str:
     device = m.get("gpu") or f"{m['cpu']['model']} ({m['threads']} thread{plural} each)"
     lines = [f"Command: `{result['command']}`", "",
              f"Device: {device}; jax {m['jax']}, torch {m.get('torch', '-')}, torchvision "
-             f"{m.get('torchvision', '-')}; XLA_FLAGS={m['XLA_FLAGS'] or '(none)'}", ""]
+             f"{m.get('torchvision', '-')}; XLA_FLAGS={m['XLA_FLAGS'] or '(none)'}", "",
+             f"{result['settings'].get('host_memory', 'host memory: not recorded')}, for both frameworks", ""]
     for dtype, p in result["peak"].items():
         lines.append(f"Peak {dtype}: {p['tflops'] * 1e3:.0f} GFLOP/s = {p['how']}")
     lines.append("")
