@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_googlenet.ops import conv2d
+from jax_googlenet.ops.norm import batch_norm_train
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -96,16 +97,13 @@ class BatchNorm(nn.Module):
         scale = _param(self, "scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = _param(self, "bias", nn.initializers.zeros, (c,), self.param_dtype)
         if train:
-            axes = tuple(range(x.ndim - 1))
-            xf = x.astype(f32)
-            mean = jnp.mean(xf, axes)
-            var = jnp.mean(jnp.square(xf - mean), axes)
+            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.dtype)
             if not self.is_initializing():
                 n = x.size // c
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var * (n / max(n - 1, 1))
-        else:
-            mean, var = ra_mean.value, ra_var.value
+            return y
+        mean, var = ra_mean.value, ra_var.value
         mul = scale.astype(f32) * jax.lax.rsqrt(var + self.epsilon)
         return (x.astype(self.dtype) - mean.astype(self.dtype)) * mul.astype(self.dtype) + bias.astype(self.dtype)
 

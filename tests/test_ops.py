@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from jax_googlenet.ops import conv, conv2d, local_response_norm, max_pool, winograd
+from jax_googlenet.ops import conv, conv2d, local_response_norm, max_pool, norm, winograd
 
 
 def forward_and_grads(conv, x, w, g):
@@ -141,3 +141,34 @@ def test_local_response_norm_equals_torch():
     expected = torch.nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)(torch.from_numpy(x).permute(0, 3, 1, 2))
     np.testing.assert_allclose(local_response_norm(jnp.asarray(x)), expected.permute(0, 2, 3, 1).numpy(),
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 2e-5)])
+def test_batch_norm_train_and_its_gradients_equal_torchs_batch_norm(dtype, tol):
+    """batch_norm_train against torch.nn.functional.batch_norm(training=True): y, the batch mean and biased
+    variance, and the gradients of x, scale and bias, with channel means 30x their spread (the shifted one-pass
+    variance's hard case) and a loss that also reads the statistics."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 5, 6, 3)) * np.array([1.0, 0.1, 2.0]) + np.array([3.0, -3.0, 0.5])
+    scale, bias = rng.normal(size=3), rng.normal(size=3)
+    g, g_mean, g_var = rng.normal(size=x.shape), rng.normal(size=3), rng.normal(size=3)
+    xt, st, bt = (torch.tensor(a, requires_grad=True) for a in (x.transpose(0, 3, 1, 2), scale, bias))
+    yt = torch.nn.functional.batch_norm(xt, None, None, st, bt, training=True, eps=1e-3)
+    mean_t, var_t = xt.mean((0, 2, 3)), xt.var((0, 2, 3), unbiased=False)
+    loss = (yt * torch.from_numpy(g.transpose(0, 3, 1, 2))).sum() + (mean_t * torch.from_numpy(g_mean)).sum() + (
+        var_t * torch.from_numpy(g_var)).sum()
+    loss.backward()
+
+    def run(x, scale, bias):
+        y, mean, var = norm.batch_norm_train(x, scale, bias, 1e-3, x.dtype)
+        return jnp.sum(y * g) + jnp.sum(mean * g_mean) + jnp.sum(var * g_var), (y, mean, var)
+
+    with jax.enable_x64(True):
+        args = [jnp.asarray(a, dtype) for a in (x, scale, bias)]
+        (grads, (y, mean, var)) = jax.jit(jax.grad(run, (0, 1, 2), has_aux=True))(*args)
+    expected = [(y, yt.detach().numpy().transpose(0, 2, 3, 1)), (mean, mean_t.detach().numpy()),
+                (var, var_t.detach().numpy()), (grads[0], xt.grad.numpy().transpose(0, 2, 3, 1)),
+                (grads[1], st.grad.numpy()), (grads[2], bt.grad.numpy())]
+    for ours, theirs in expected:
+        assert ours.dtype == dtype
+        np.testing.assert_allclose(ours, theirs, rtol=tol, atol=tol)

@@ -10,7 +10,8 @@ tests/test_ops.py checks each against torch.
 
 - `conv.py`: `conv2d`, NHWC x HWIO.
 - `pool.py`: `max_pool` (torch ceil/floor mode or TensorFlow SAME), `adaptive_avg_pool`, pool output sizes.
-- `norm.py`: `local_response_norm` (the paper variant's LRN).
+- `norm.py`: `batch_norm_train` (batch norm's statistics, forward and backward in two passes each) and
+  `local_response_norm` (the paper variant's LRN).
 - `winograd.py`: Winograd's F(m x m, r x r) convolution, its transforms and its backward.
 - `windows.py`: the shifted strided views that the slices kernels are built from.
 """
