@@ -67,10 +67,9 @@ def test_winograd_path_and_its_gradients_equal_torchs_conv2d(side, k, pad, monke
 
 
 @pytest.mark.parametrize("m, k, side, pad", [(2, 3, 9, 1), (4, 3, 13, 1), (6, 3, 10, 2), (2, 5, 10, 2), (4, 5, 5, 0)])
-def test_winograd_tiles_and_their_gradients_equal_torchs_conv2d(m, k, side, pad, monkeypatch):
-    """F(m x m, k x k) alone, over chunks of one image in a loop (a batch of 3), with tiles that do not divide
-    the output (a padded last tile); float64, to 1e-12."""
-    monkeypatch.setattr(winograd, "CHUNK_BYTES", 1)
+def test_winograd_tiles_and_their_gradients_equal_torchs_conv2d(m, k, side, pad):
+    """F(m x m, k x k) alone over a batch of 3, with tiles that do not divide the output (a padded last tile);
+    float64, to 1e-12."""
     assert_conv_equals_torch(np.random.default_rng(side * m + k), 3, side, k, 1, pad,
                              conv=lambda a, b: winograd.conv_winograd(a, b, pad, m))
 

@@ -10,10 +10,9 @@ Two choices, both measured (benchmarks/NOTES.md, "Winograd convolution"):
 - the transforms are two passes (rows, then columns) over strided views of the map, each written as sparse
   additions that compute the halves of each +-p pair of interpolation points once, or, for the data transform,
   as multiply-adds against broadcast columns of the matrix (`FORMS`);
-- the whole pipeline runs over chunks of a few images in a loop (`_per_chunk`), so a chunk's transform-domain
-  arrays (a^2/m^2 times the maps, tens of MB for the whole batch) stay in cache between the transforms and the
-  dots: each transform otherwise re-reads its input from memory once per output row, and F(4x4, 3x3), 2.5x
-  faster than the default path on conv3 alone, lost to it in the train step.
+- the pipeline runs over the whole batch at once: over chunks of a few images in a loop, so that each chunk's
+  transform-domain arrays stayed in cache, it was as fast or slower in the train step and compiled 2 s longer
+  once malloc keeps freed blocks (`jax_googlenet.host_memory`; NOTES.md, "Winograd over the whole batch").
 Float32 error (tests/test_ops.py bounds it per layer shape): the relative error against a float64 reference is
 up to 6e-7 with F(2x2, 3x3) and 3e-6 with F(4x4, 3x3), against 1e-6 for XLA's convolution.
 """
@@ -31,8 +30,6 @@ import numpy as np
 # Interpolation points (the last one, infinity, is implicit): small integers first, then halves, as in the
 # paper; they keep the transforms' coefficients, and so the float32 rounding error, small.
 POINTS = (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2), 3, -3)
-# A chunk of images holds at most this many bytes of transform-domain products (a^2 x tiles x output channels).
-CHUNK_BYTES = 4 << 20
 
 
 def _inverse(a: list[list[Fraction]]) -> list[list[Fraction]]:
@@ -232,26 +229,6 @@ def filter_transform_transpose(du, g: np.ndarray):
     return _apply(g.T, _apply(g.T, lax.reshape(du, (a, a, c, k)), 1, FORMS["filter"]), 0, FORMS["filter"])
 
 
-def _per_chunk(n: int, per_image_bytes: int) -> int:
-    """Images per chunk: the largest divisor of n whose chunk stays within CHUNK_BYTES (at least 1). With more
-    than one device, the whole batch: a loop over a batch sharded across devices would gather it onto each."""
-    if jax.device_count() > 1:
-        return n
-    return max([d for d in range(1, n + 1) if n % d == 0 and d * per_image_bytes <= CHUNK_BYTES] or [1])
-
-
-def _chunked(fn, per: int, total, *arrays):
-    """fn(total, *chunks) -> (total, out) over chunks of `per` images of each array (leading axis n), `total`
-    carried from chunk to chunk and the outs concatenated along n; a loop (lax.scan) when there is more than
-    one chunk."""
-    n = arrays[0].shape[0]
-    if per == n:
-        return fn(total, *arrays)
-    total, out = lax.scan(lambda s, xs: fn(s, *xs), total,
-                          tuple(lax.reshape(a, (n // per, per, *a.shape[1:])) for a in arrays))
-    return total, lax.reshape(out, (n, *out.shape[2:]))
-
-
 def conv_winograd(x, kernel, padding: int, m: int):
     """Stride-1 r x r convolution of NHWC x by HWIO kernel with F(m x m, r x r), forward and backward."""
     return _winograd(x, kernel, padding, m)
@@ -261,8 +238,7 @@ def _plan(x_shape, k_shape, padding: int, m: int):
     r, _, c, k = k_shape
     a = m + r - 1
     ho, wo, ht, wt = _shapes(x_shape, r, padding, m)
-    per = _per_chunk(x_shape[0], a * a * ht * wt * max(c, k) * 4)
-    return (r, c, k, a, ho, wo, ht, wt, per, *transforms(m, r))
+    return (r, c, k, a, ho, wo, ht, wt, *transforms(m, r))
 
 
 def _data_tiles(x, padding: int, m: int, r: int, ht: int, wt: int, bt: np.ndarray):
@@ -274,42 +250,29 @@ def _data_tiles(x, padding: int, m: int, r: int, ht: int, wt: int, bt: np.ndarra
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _winograd(x, kernel, padding: int, m: int):
-    r, c, k, a, ho, wo, ht, wt, per, at, g, bt = _plan(x.shape, kernel.shape, padding, m)
-    u = filter_transform(kernel, g)
-
-    def chunk(_, xc):
-        v = _data_tiles(xc, padding, m, r, ht, wt, bt)
-        mm = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))
-        return (), tiles_out(lax.reshape(mm, (a * a, xc.shape[0], ht, wt, k)), at, m, ho, wo, form=FORMS["output"])
-
-    return _chunked(chunk, per, (), x)[1]
+    r, c, k, a, ho, wo, ht, wt, at, g, bt = _plan(x.shape, kernel.shape, padding, m)
+    v = _data_tiles(x, padding, m, r, ht, wt, bt)
+    mm = lax.dot_general(v, filter_transform(kernel, g), (((2,), (1,)), ((0,), (0,))))
+    return tiles_out(lax.reshape(mm, (a * a, x.shape[0], ht, wt, k)), at, m, ho, wo, form=FORMS["output"])
 
 
 def _winograd_fwd(x, kernel, padding, m):
-    return _winograd(x, kernel, padding, m), (x, kernel)  # x, not V: the backward recomputes V chunk by chunk
+    return _winograd(x, kernel, padding, m), (x, kernel)  # x, not V: the backward recomputes V
 
 
 def _winograd_bwd(padding, m, res, dy):
     """dM = A dY A^T per output tile; dU = V^T dM and dV = dM U^T per position (batched dots); the kernel's
     gradient G^T dU G, the input's the overlapping sum of B dV B^T over the input tiles."""
     x, kernel = res
-    r, c, k, a, ho, wo, ht, wt, per, at, g, bt = _plan(x.shape, kernel.shape, padding, m)
-    u = filter_transform(kernel, g)
-    h, w = x.shape[1:3]
-
-    def chunk(du, xc, dyc):
-        tiles_per_chunk = xc.shape[0] * ht * wt
-        v = _data_tiles(xc, padding, m, r, ht, wt, bt)
-        dyp = lax.pad(dyc, jnp.zeros((), dyc.dtype), [(0, 0, 0), (0, ht * m - ho, 0), (0, wt * m - wo, 0), (0, 0, 0)])
-        dm = lax.reshape(tiles_in(dyp, at.T, m, ht, wt, FORMS["output_grad"]), (a * a, tiles_per_chunk, k))
-        du = lax.add(du, lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,)))))  # (a*a, c, k)
-        dv = lax.dot_general(dm, u, (((2,), (2,)), ((0,), (0,))))  # (a*a, P, c)
-        return du, tiles_out(lax.reshape(dv, (a * a, xc.shape[0], ht, wt, c)), bt.T, m, h, w, offset=padding,
-                             form=FORMS["data_grad"])
-
-    du, dx = _chunked(chunk, per, jnp.zeros((a * a, c, k), u.dtype), x, dy)
-    dkernel = filter_transform_transpose(du, g)
-    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+    r, c, k, a, ho, wo, ht, wt, at, g, bt = _plan(x.shape, kernel.shape, padding, m)
+    n, h, w = x.shape[:3]
+    v = _data_tiles(x, padding, m, r, ht, wt, bt)
+    dyp = lax.pad(dy, jnp.zeros((), dy.dtype), [(0, 0, 0), (0, ht * m - ho, 0), (0, wt * m - wo, 0), (0, 0, 0)])
+    dm = lax.reshape(tiles_in(dyp, at.T, m, ht, wt, FORMS["output_grad"]), (a * a, n * ht * wt, k))
+    du = lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))))  # (a*a, c, k)
+    dv = lax.dot_general(dm, filter_transform(kernel, g), (((2,), (2,)), ((0,), (0,))))  # (a*a, tiles, c)
+    dx = tiles_out(lax.reshape(dv, (a * a, n, ht, wt, c)), bt.T, m, h, w, offset=padding, form=FORMS["data_grad"])
+    return dx.astype(x.dtype), filter_transform_transpose(du, g).astype(kernel.dtype)
 
 
 _winograd.defvjp(_winograd_fwd, _winograd_bwd)
