@@ -4,9 +4,10 @@ glibc's malloc serves large blocks (from 32 MB, and smaller ones as its threshol
 and unmaps them on free, so each train step faults its activations in again page by page, the kernel zeroing
 every page. `keep_freed_memory` turns that off through mallopt: no mmap for blocks (M_MMAP_MAX = 0) and no
 trimming of the heap's free top (M_TRIM_THRESHOLD = -1), so the process keeps its peak heap for the next step.
-Measured on the project's 2-core CPU: a jitted x * 2 on a 51 MB array 22 -> 4.3 ms; the train step and eval
-forward at 16/224 and 64/96 faster for both frameworks, JAX more (benchmarks/NOTES.md, "Host memory"). The
-experiments and the benchmark call it at start and print what it did; `--system-malloc` leaves malloc alone.
+Measured on the project's 2-core CPU: a jitted x * 2 on a 51 MB array 22 -> 4.3 ms; in the benchmark at 16/224,
+JAX's train step and eval +6% and +7%, PyTorch's +10% and +6% (benchmarks/NOTES.md, "The step beyond the
+convolutions", H1). The experiments and the benchmark call it at start and print what it did; `--system-malloc`
+leaves malloc alone.
 """
 
 from __future__ import annotations

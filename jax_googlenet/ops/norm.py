@@ -3,10 +3,11 @@ variant's local response normalisation (its Figure 3: after the stem's first poo
 
 Batch norm in training (`batch_norm_train`): the forward reads x once for its statistics (the sum and the sum of
 squares of x less its first position per channel, the shifted one-pass variance) and once to normalise; the
-custom backward reads x and the gradient once for sum(g) and sum(g * (x - mean)) and once to write dx. Autodiff of
-the two-pass mean and variance took more passes: batch norm's forward and backward at conv1's output (16 x 112 x
-112 x 64, then ReLU) 80 -> 42 ms, at 16 x 28 x 28 x 256 11 -> 7 ms (benchmarks/NOTES.md, "Batch norm in two
-passes"). Both reductions are plain sums: one variadic reduce computing the two ran 1.5-3x slower on XLA:CPU.
+custom backward reads x and the gradient once for sum(g) and sum(g * (x - mean)) and once to write dx. Alone,
+batch norm + ReLU forward and backward at conv1's output (16 x 112 x 112 x 64) took 42 ms against autodiff's 80,
+at 16 x 28 x 28 x 256 7 against 11; in the 16/224 train step, where XLA fuses autodiff's passes with their
+neighbours, the same speed, 3% less CPU time and 2-5 s less compile (benchmarks/NOTES.md, "The step beyond the
+convolutions", H2). Both reductions are plain sums: one variadic reduce computing the two ran 1.5-3x slower.
 """
 
 from __future__ import annotations
