@@ -171,7 +171,7 @@ def run(args) -> float:
 def set_up(args) -> loop.Job:
     """Set up or restore: the config, mesh, data, state and steps of the run in --workdir."""
     loop.start_process(args.coordinator, args.num_processes, args.process_id,
-                       compile_cache=not args.no_compile_cache, keep_memory=not args.system_malloc)
+                       compile_cache=not args.no_compile_cache, system_malloc=args.system_malloc)
     workdir, stored = loop.open_workdir(args.workdir, args.resume)
     cfg = make_config(args, stored)
     check_sizes(cfg)
@@ -389,7 +389,7 @@ def evaluate_only(args) -> dict:
     """Top-1 / top-5 (and per-class accuracy) of --evaluate's weights on --data's held-out images; with
     --workdir also evaluation.json and confusion.png there."""
     loop.start_process(args.coordinator, args.num_processes, args.process_id,
-                       compile_cache=not args.no_compile_cache, keep_memory=not args.system_malloc)
+                       compile_cache=not args.no_compile_cache, system_malloc=args.system_malloc)
     cfg = make_config(args, None)
     check_sizes(cfg)
     workdir = Path(args.workdir) if args.workdir else None

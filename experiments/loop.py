@@ -106,12 +106,11 @@ def check_run_flags(args, positive: tuple[str, ...]) -> None:
 
 
 def start_process(coordinator: str | None, num_processes: int | None, process_id: int | None, *,
-                  compile_cache: bool, keep_memory: bool) -> None:
-    """Join a multi-process run if there is one, keep freed host memory for reuse (`host_memory`) and turn the
-    persistent compilation cache on."""
+                  compile_cache: bool, system_malloc: bool) -> None:
+    """Join a multi-process run if there is one, keep freed host memory for reuse unless `system_malloc`
+    (`host_memory`, its line printed) and turn the persistent compilation cache on."""
     distributed.initialize(coordinator, num_processes, process_id)
-    if keep_memory:
-        print(host_memory.keep_freed_memory(), flush=True)
+    print(host_memory.configure(system_malloc), flush=True)
     if compile_cache:
         compilation_cache.enable()
 

@@ -134,7 +134,7 @@ def set_up(args) -> loop.Job:
     """Set up or restore: the config, mesh, data, state and steps of the run in --workdir, its state restored from
     the latest checkpoint on --resume."""
     loop.start_process(args.coordinator, args.num_processes, args.process_id,
-                       compile_cache=not args.no_compile_cache, keep_memory=not args.system_malloc)
+                       compile_cache=not args.no_compile_cache, system_malloc=args.system_malloc)
     workdir, stored = loop.open_workdir(args.workdir, args.resume)
     cfg = make_config(args, stored)
     workdir = workdir or loop.new_workdir(f"mnist-{cfg['preset']}")

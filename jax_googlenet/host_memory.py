@@ -20,6 +20,12 @@ M_MMAP_MAX = -4
 NEVER_TRIM = -1  # glibc reads the threshold as unsigned: -1 is the largest, and turns trimming off
 
 
+def configure(system_malloc: bool) -> str:
+    """The jobs' and the benchmark's start: keep freed blocks unless `system_malloc` (their `--system-malloc`);
+    returns the line they print."""
+    return "host memory: system allocator (--system-malloc)" if system_malloc else keep_freed_memory()
+
+
 def keep_freed_memory() -> str:
     """Set glibc's malloc to keep the blocks it frees; returns the line to print: what was set, or why not."""
     if not sys.platform.startswith("linux"):

@@ -1,6 +1,6 @@
-"""`jax_googlenet.host_memory`: after `keep_freed_memory`, glibc serves a large block from its heap rather than
-from fresh mmap pages, and keeps the block once freed; the jobs say so at start. Each probe runs in its own
-process, since the setting is process-wide."""
+"""`jax_googlenet.host_memory.configure`: unless told --system-malloc, glibc then serves a large block from its
+heap rather than from fresh mmap pages and keeps it once freed; either way it returns the line the jobs print.
+Each probe runs in its own process, since the setting is process-wide."""
 
 import subprocess
 import sys
@@ -18,8 +18,7 @@ PROBE = textwrap.dedent("""
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = Mallinfo2
     libc.malloc.restype = ctypes.c_void_p
-    if sys.argv[1] == "keep":
-        print(host_memory.keep_freed_memory())
+    print(host_memory.configure(system_malloc=sys.argv[1] == "system"))
     before = libc.mallinfo2()
     block = libc.malloc(64 << 20)
     during = libc.mallinfo2()
@@ -34,7 +33,8 @@ def probe(mode: str) -> str:
 
 
 def test_a_large_block_comes_from_the_heap_and_stays_there_once_freed():
-    assert probe("system").splitlines()[-1] == "mmapped 1 heap kept MB 0"
+    assert probe("system").splitlines() == ["host memory: system allocator (--system-malloc)",
+                                            "mmapped 1 heap kept MB 0"]
     lines = probe("keep").splitlines()
     assert lines[0].startswith("host memory: freed blocks kept for reuse (glibc mallopt M_MMAP_MAX=0")
     mmapped, kept = lines[-1].split(" heap kept MB ")

@@ -22,8 +22,7 @@ from experiments.benchmark.reports import cell_line, write_outputs
 from experiments.benchmark.runners import (DTYPES, FRAMEWORKS, TORCH_VARIANTS, WORKLOADS, CacheEvents, JaxRunner,
                                           TorchRunner, torch_compile_caches)
 from experiments.benchmark.timing import spread, steps_per_window, time_window
-from jax_googlenet import compilation_cache
-from jax_googlenet.host_memory import keep_freed_memory
+from jax_googlenet import compilation_cache, host_memory
 
 DESCRIPTION = "XLA performance benchmark: the project's jitted GoogLeNet against torchvision's googlenet in PyTorch."
 
@@ -168,7 +167,7 @@ def measure_config(workload, batch, dtype, args, frameworks, torch, events, peak
 def run(args) -> dict[str, Any]:
     threads = configure_threads(args.threads)
     # One process runs both frameworks: the allocator setting applies to each alike.
-    memory_line = "host memory: system allocator (--system-malloc)" if args.system_malloc else keep_freed_memory()
+    memory_line = host_memory.configure(args.system_malloc)
     print(memory_line, flush=True)
     frameworks = args.frameworks
     torch = None

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmark.machine import configure_threads
-from jax_googlenet.host_memory import keep_freed_memory
+from jax_googlenet import host_memory
 
 
 def model_layers(image_size: int, batch: int) -> list[dict]:
@@ -173,8 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc as it is (as the benchmark)")
     p.add_argument("--markdown", type=Path, default=None)
     args = p.parse_args(argv)
-    args.host_memory = ("host memory: system allocator (--system-malloc)" if args.system_malloc
-                        else keep_freed_memory())
+    args.host_memory = host_memory.configure(args.system_malloc)
     print(args.host_memory, flush=True)
     args.impls = args.impls.split(",")
     args.only = args.only.split(",") if args.only else None
