@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_googlenet.ops import conv2d
-from jax_googlenet.ops.norm import batch_norm_train
+from jax_googlenet.ops.norm import batch_norm_apply, batch_norm_train
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -103,7 +103,5 @@ class BatchNorm(nn.Module):
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var * (n / max(n - 1, 1))
             return y
-        mean, var = ra_mean.value, ra_var.value
-        mul = scale.astype(f32) * jax.lax.rsqrt(var + self.epsilon)
-        return (x.astype(self.dtype) - mean.astype(self.dtype)) * mul.astype(self.dtype) + bias.astype(self.dtype)
+        return batch_norm_apply(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, self.dtype)
 

@@ -34,6 +34,13 @@ def batch_norm_train(x, scale, bias, epsilon: float, dtype):
     return _batch_norm(x, scale, bias, epsilon, dtype)
 
 
+def batch_norm_apply(x, mean, var, scale, bias, epsilon: float, dtype):
+    """torch's formula with given statistics, (x - mean) * scale / sqrt(var + epsilon) + bias, in `dtype`: the
+    training forward's with the batch's, evaluation's with the running ones."""
+    mul = scale.astype(mean.dtype) * lax.rsqrt(var + epsilon)
+    return (x.astype(dtype) - mean.astype(dtype)) * mul.astype(dtype) + bias.astype(dtype)
+
+
 def _sums(d, e):
     """(sum(d), sum(d * e)) over all but the last axis."""
     axes = tuple(range(d.ndim - 1))
@@ -55,10 +62,8 @@ def _batch_norm_fwd(x, scale, bias, epsilon, dtype):
     mean_shifted = s1 / n
     mean = shift + mean_shifted
     var = jnp.maximum(s2 / n - mean_shifted * mean_shifted, 0)
-    rstd = lax.rsqrt(var + epsilon)
-    mul = scale.astype(stats) * rstd
-    y = (x.astype(dtype) - mean.astype(dtype)) * mul.astype(dtype) + bias.astype(dtype)
-    return (y, mean, var), (x, mean, rstd, scale, bias)
+    y = batch_norm_apply(x, mean, var, scale, bias, epsilon, dtype)
+    return (y, mean, var), (x, mean, lax.rsqrt(var + epsilon), scale, bias)
 
 
 def _batch_norm_bwd(epsilon, dtype, res, cotangents):
