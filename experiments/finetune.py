@@ -40,7 +40,7 @@ from experiments.loop import UsageError
 from jax_googlenet import distributed, imagenet, images, pipeline, train
 from jax_googlenet.checkpoint import save_model
 from jax_googlenet.model import accepted_sides, googlenet
-from jax_googlenet.ops import resolve_impl
+from jax_googlenet.ops import convolution_kernels, resolve_impl
 
 # The flat config: torchvision's reference recipe (references/classification/train.py) at a fine-tuning
 # learning rate for batch 32; warmup_epochs: linear warmup before the cosine decay; weight_decay: coupled L2.
@@ -247,7 +247,8 @@ def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead
                 f"fine-tuning (backbone learning rate x{cfg['backbone_lr_scale']:g})")
         print(f"model: torchvision GoogLeNet, {len(cfg['classes'])} classes, {cfg['dtype']}, transform_input="
               f"{transform_input}, {origin}; {mode}; convolutions and pools: {resolve_impl(model.impl)} (chosen "
-              f"for the {jax.default_backend()} backend)", flush=True)
+              f"for the {jax.default_backend()} backend), {convolution_kernels(cfg['image_size'], cfg['dtype'])}",
+              flush=True)
     tx = train.make_optimizer(cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
                               weight_decay=cfg["weight_decay"], schedule=cfg["schedule"],
                               total_steps=steps_per_epoch * cfg["epochs"],
@@ -278,7 +279,8 @@ def make_steps(cfg: dict, dropout_rng, mesh):
     else:
         train_fn = functools.partial(train.train_step, loss_mode=cfg["loss_mode"], **kw)
     eval_fn = functools.partial(train.eval_step, preprocess=imagenet.normalize, num_classes=len(cfg["classes"]))
-    return loop.jit_steps(lambda state, batch: train_fn(state, batch, dropout_rng), eval_fn, mesh)
+    return loop.jit_steps(lambda state, batch: train_fn(state, batch, dropout_rng), eval_fn, mesh,
+                          cfg["image_size"], cfg["dtype"])
 
 
 def make_batches(cfg: dict, dataset, steps_per_epoch: int, num_workers: int):
@@ -409,10 +411,10 @@ def evaluate_only(args) -> dict:
     state = train.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=train.make_optimizer(0.0),
                                     batch_stats=variables.get("batch_stats", {}))
     eval_fn = functools.partial(train.eval_step, preprocess=imagenet.normalize, num_classes=model.num_classes)
-    eval_step = loop.jit_eval_step(eval_fn, mesh)
+    eval_step = loop.jit_eval_step(eval_fn, mesh, cfg["image_size"], cfg["dtype"])
     _, eval_batches = make_batches(cfg, dataset, 0, workers(args))
     print(f"transform: Resize({cfg['resize_size']}) + CenterCrop({cfg['image_size']}) (torchvision's, on the "
-          f"host)", flush=True)
+          f"host); {convolution_kernels(cfg['image_size'], cfg['dtype'])}", flush=True)
     lead = jax.process_index() == 0
     with progress.bar(len(dataset.val), desc="evaluating", disable=not lead) as shown:
         metrics, details = loop.evaluate_batches(eval_step, distributed.replicate(state, mesh),

@@ -36,7 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from experiments import progress
-from jax_googlenet import compilation_cache, distributed, host_memory
+from jax_googlenet import compilation_cache, distributed, host_memory, ops
 
 MAX_TO_KEEP = 3  # checkpoints kept
 
@@ -249,17 +249,21 @@ def warm_start(path: str, model, state, *, fresh: tuple[tuple[str, ...], ...] = 
     return state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}))
 
 
-def jit_steps(train_fn: Callable, eval_fn: Callable, mesh) -> tuple[Callable, Callable]:
-    """`train_fn` and `eval_fn` jitted for `mesh`: outputs replicated, the train state donated."""
+def jit_steps(train_fn: Callable, eval_fn: Callable, mesh, image_side: int,
+              dtype: str) -> tuple[Callable, Callable]:
+    """`train_fn` and `eval_fn` jitted for `mesh` and `dtype` images `image_side` wide (`ops.compiler_options`):
+    outputs replicated, the train state donated."""
     replicated = distributed.replicated(mesh)
     # without_gc: the first calls trace, lower and compile without Python's collector walking the trace
-    return (compilation_cache.without_gc(jax.jit(train_fn, donate_argnums=0, out_shardings=replicated)),
-            jit_eval_step(eval_fn, mesh))
+    return (compilation_cache.without_gc(jax.jit(train_fn, donate_argnums=0, out_shardings=replicated,
+                                                 compiler_options=ops.compiler_options(image_side, dtype))),
+            jit_eval_step(eval_fn, mesh, image_side, dtype))
 
 
-def jit_eval_step(eval_fn: Callable, mesh) -> Callable:
-    """`eval_fn` jitted for `mesh`, its outputs replicated."""
-    return compilation_cache.without_gc(jax.jit(eval_fn, out_shardings=distributed.replicated(mesh)))
+def jit_eval_step(eval_fn: Callable, mesh, image_side: int, dtype: str) -> Callable:
+    """`eval_fn` jitted for `mesh` and `dtype` images `image_side` wide, its outputs replicated."""
+    return compilation_cache.without_gc(jax.jit(eval_fn, out_shardings=distributed.replicated(mesh),
+                                                compiler_options=ops.compiler_options(image_side, dtype)))
 
 
 def train_and_evaluate(job: Job) -> float:

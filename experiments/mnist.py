@@ -26,7 +26,7 @@ from experiments import loop
 from experiments.loop import UsageError
 from jax_googlenet import data, distributed, train
 from jax_googlenet.model import RENAMED, accepted_sides, googlenet
-from jax_googlenet.ops import resolve_impl
+from jax_googlenet.ops import convolution_kernels, resolve_impl
 
 # Flat configs. max_shift: random translation of the 28x28 digits by up to that many pixels (on the device);
 # warmup_epochs: linear warmup before the cosine decay; weight_decay: coupled L2, as torch's SGD.
@@ -169,7 +169,8 @@ def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead
                       aux_logits=cfg["aux_logits"], dtype=jax.numpy.dtype(cfg["dtype"]))
     if lead:
         print(f"model: {cfg['variant']} variant, {cfg['dtype']}, convolutions and pools: "
-              f"{resolve_impl(model.impl)} (chosen for the {jax.default_backend()} backend)", flush=True)
+              f"{resolve_impl(model.impl)} (chosen for the {jax.default_backend()} backend), "
+              f"{convolution_kernels(cfg['image_size'], cfg['dtype'])}", flush=True)
     tx = train.make_optimizer(cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
                               weight_decay=cfg["weight_decay"], schedule=cfg["schedule"],
                               total_steps=steps_per_epoch * cfg["epochs"],
@@ -192,7 +193,7 @@ def make_steps(cfg: dict, dropout_rng, shift_rng, mesh):
         return train.train_step(state, batch, dropout_rng, loss_mode=cfg["loss_mode"], preprocess=preprocess)
 
     return loop.jit_steps(train_fn, lambda state, batch: train.eval_step(state, batch, preprocess=preprocess),
-                          mesh)
+                          mesh, cfg["image_size"], cfg["dtype"])
 
 
 def check_image_size(cfg: dict) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 
 from convert import load_weights
 from jax_googlenet.imagenet import categories, preprocess
+from jax_googlenet.ops import compiler_options
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -51,7 +52,8 @@ def main(argv=None) -> int:
         return 1
     names = categories()
     # One batch, one compilation, whatever the number of images.
-    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    logits = jax.jit(lambda v, x: model.apply(v, x, train=False),
+                     compiler_options=compiler_options(images.shape[1]))(variables, images)
     for path, top in zip(args.images, top_k(np.asarray(logits))):
         print(path)
         for c, prob in top:

@@ -191,11 +191,12 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
     return {**sums, "correct_top5": jnp.sum(in_top5 * mask), "confusion": confusion}
 
 
-def jit_train_step(**kwargs) -> Callable:
-    """`train_step` with its options bound, jitted, the incoming state's buffers donated."""
-    return jax.jit(functools.partial(train_step, **kwargs), donate_argnums=0)
+def jit_train_step(compiler_options: dict | None = None, **kwargs) -> Callable:
+    """`train_step` with its options bound, jitted with XLA's `compiler_options` (`ops.compiler_options` for the
+    image size), the incoming state's buffers donated."""
+    return jax.jit(functools.partial(train_step, **kwargs), donate_argnums=0, compiler_options=compiler_options)
 
 
-def jit_eval_step(**kwargs) -> Callable:
-    """`eval_step` with its options bound, jitted."""
-    return jax.jit(functools.partial(eval_step, **kwargs))
+def jit_eval_step(compiler_options: dict | None = None, **kwargs) -> Callable:
+    """`eval_step` with its options bound, jitted with XLA's `compiler_options`."""
+    return jax.jit(functools.partial(eval_step, **kwargs), compiler_options=compiler_options)

@@ -6,6 +6,7 @@ Tolerances are relative errors ||ours - torch|| / ||torch||, the tightest that p
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ import torchvision
 
 from convert import flax_to_torchvision, torchvision_to_flax
 from jax_googlenet.model import VARIANTS, GoogLeNet
+from jax_googlenet.ops import compiler_options
 from jax_googlenet.train import classification_loss, make_optimizer
 from writeup_model import GoogLeNet as WriteupGoogLeNet
 
@@ -65,7 +67,9 @@ def test_eval_logits_equal_torchvision(torchvision_state_dict, variables, side, 
     with torch.no_grad():
         ref = torch_model(x).numpy()
     model = GoogLeNet(VARIANTS["torchvision"], transform_input=transform_input, impl=impl)
-    ours = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, nhwc(x))
+    # compiled as the jobs compile it for this size (`ops.compiler_options`: XLA's own convolutions from 64 px)
+    ours = jax.jit(lambda v, x: model.apply(v, x, train=False),
+                   compiler_options=compiler_options(side))(variables, nhwc(x))
     assert ours.shape == ref.shape
     assert rel(ours, ref) < FORWARD_RTOL
 
@@ -92,7 +96,7 @@ def train_forward_pair(torchvision_state_dict, variables):
 
     model = without_dropout("torchvision")
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options(224))
     def forward(variables, images, labels):
         outputs, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
         return outputs, classification_loss(outputs, labels, "paper"), updates["batch_stats"]

@@ -22,7 +22,7 @@ from experiments.benchmark.reports import cell_line, write_outputs
 from experiments.benchmark.runners import (DTYPES, FRAMEWORKS, TORCH_VARIANTS, WORKLOADS, CacheEvents, JaxRunner,
                                           TorchRunner, torch_compile_caches)
 from experiments.benchmark.timing import spread, steps_per_window, time_window
-from jax_googlenet import compilation_cache, host_memory
+from jax_googlenet import compilation_cache, host_memory, ops
 
 DESCRIPTION = "XLA performance benchmark: the project's jitted GoogLeNet against torchvision's googlenet in PyTorch."
 
@@ -204,7 +204,9 @@ def run(args) -> dict[str, Any]:
             peaks[dtype] = cpu_peak(machine["cpu"], threads, dtype)
     result = {"command": "python -m experiments.benchmark " + " ".join(sys.argv[1:]), "machine": machine,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} |
-                          {"dtypes": dtypes, "threads": threads, "host_memory": memory_line},
+                          {"dtypes": dtypes, "threads": threads, "host_memory": memory_line,
+                           "xla_compiler_options": {d: ops.compiler_options(args.image_size, d) for d in dtypes},
+                           "convolution_kernels": {d: ops.convolution_kernels(args.image_size, d) for d in dtypes}},
               "peak": {d: {"tflops": p / 1e12, "how": how} for d, (p, how) in peaks.items()},
               "flops_check": [], "cells": [], "complete": False}
     for workload in args.workloads:

@@ -13,6 +13,7 @@ same thread count; times are medians of --repeats calls after a warm-up, the cal
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -24,6 +25,7 @@ import numpy as np
 
 from experiments.benchmark.machine import configure_threads
 from jax_googlenet import host_memory
+from jax_googlenet.ops import convolution_kernels
 
 
 def model_layers(image_size: int, batch: int) -> list[dict]:
@@ -62,26 +64,28 @@ def model_layers(image_size: int, batch: int) -> list[dict]:
     return found
 
 
-def jax_layer(layer: dict, impl: str):
-    """(forward, forward + backward) jitted callables and their arguments for one layer."""
-    from jax_googlenet.ops import conv2d, max_pool
+def jax_layer(layer: dict, impl: str, image_size: int):
+    """(forward, forward + backward) jitted callables and their arguments for one layer, compiled with the
+    step's options for `image_size` (`ops.compiler_options`)."""
+    from jax_googlenet.ops import compiler_options, conv2d, max_pool
 
+    jit = functools.partial(jax.jit, compiler_options=compiler_options(image_size))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=layer["shape"]), jnp.float32)
     if layer["kind"] == "pool":
         f = lambda x: max_pool(x, layer["window"], layer["stride"], layer["mode"], layer["pad"], impl)  # noqa: E731
         y = jax.eval_shape(f, x)
         dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
-        return jax.jit(f), (x,), jax.jit(lambda x, dy: jax.vjp(f, x)[1](dy)), (x, dy)
+        return jit(f), (x,), jit(lambda x, dy: jax.vjp(f, x)[1](dy)), (x, dy)
     k = layer["k"]
     w = jnp.asarray(rng.normal(size=(k, k, layer["shape"][-1], layer["features"])) * 0.05, jnp.float32)
     f = lambda x, w: conv2d(x, w, layer["stride"], layer["padding"], impl)  # noqa: E731
     dy = jnp.asarray(rng.normal(size=jax.eval_shape(f, x, w).shape), jnp.float32)
     if layer["name"] == "conv1":  # the step never needs the image's gradient
-        bwd = jax.jit(lambda x, w, dy: jax.vjp(lambda w: f(x, w), w)[1](dy))
+        bwd = jit(lambda x, w, dy: jax.vjp(lambda w: f(x, w), w)[1](dy))
     else:
-        bwd = jax.jit(lambda x, w, dy: jax.vjp(f, x, w)[1](dy))
-    return jax.jit(f), (x, w), bwd, (x, w, dy)
+        bwd = jit(lambda x, w, dy: jax.vjp(f, x, w)[1](dy))
+    return jit(f), (x, w), bwd, (x, w, dy)
 
 
 def torch_layer(layer: dict, torch):
@@ -124,7 +128,7 @@ def run(args) -> list[dict]:
     for layer in model_layers(args.image_size, args.batch_size):
         if args.only and not any(s in layer["name"] for s in args.only):
             continue
-        ours = {impl: jax_layer(layer, impl) for impl in args.impls}
+        ours = {impl: jax_layer(layer, impl, args.image_size) for impl in args.impls}
         theirs = torch_layer(layer, torch)
         for f, a, b, ba in ours.values():  # compile and warm up
             jax.block_until_ready(f(*a)), jax.block_until_ready(b(*ba))
@@ -152,7 +156,8 @@ def run(args) -> list[dict]:
 def markdown(rows: list[dict], args) -> str:
     keys = [k for k in rows[0] if k not in ("name", "shape", "op")]
     lines = [f"Command: `python -m experiments.benchmark.layers {' '.join(sys.argv[1:])}`", "",
-             f"ms per call, median of {args.repeats}; f+b = forward and the step's gradients; {args.host_memory}.",
+             f"ms per call, median of {args.repeats}; f+b = forward and the step's gradients; {args.host_memory}; "
+             f"JAX: {convolution_kernels(args.image_size)}.",
              "",
              "| layer | input (NHWC) | op | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
     for r in rows:

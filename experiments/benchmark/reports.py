@@ -35,7 +35,10 @@ def markdown(result: dict) -> str:
     lines = [f"Command: `{result['command']}`", "",
              f"Device: {device}; jax {m['jax']}, torch {m.get('torch', '-')}, torchvision "
              f"{m.get('torchvision', '-')}; XLA_FLAGS={m['XLA_FLAGS'] or '(none)'}", "",
-             f"{result['settings'].get('host_memory', 'host memory: not recorded')}, for both frameworks", ""]
+             f"{result['settings'].get('host_memory', 'host memory: not recorded')}, for both frameworks", "",
+             *(f"JAX {d}: {kernels}; XLA compiler options "
+               f"{result['settings'].get('xla_compiler_options', {}).get(d) or '(none)'}"
+               for d, kernels in result["settings"].get("convolution_kernels", {}).items()), ""]
     for dtype, p in result["peak"].items():
         lines.append(f"Peak {dtype}: {p['tflops'] * 1e3:.0f} GFLOP/s = {p['how']}")
     lines.append("")

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from jax_googlenet import compilation_cache, googlenet
 from jax_googlenet.train import AUX_WEIGHT, create_train_state, jit_train_step, make_optimizer
+from jax_googlenet.ops import compiler_options
 
 FRAMEWORKS = ("jax", "torch")
 WORKLOADS = ("eval", "train")
@@ -116,11 +117,13 @@ class JaxRunner:
         labels = jax.random.randint(jax.random.key(2), (batch,), 0, NUM_CLASSES)
         if workload == "train":
             self.batch, self.rng = {"image": images, "label": labels}, jax.random.key(3)
-            jitted, call_args = jit_train_step(loss_mode="paper"), (self.state, self.batch, self.rng)
+            jitted = jit_train_step(compiler_options(side, dtype), loss_mode="paper")
+            call_args = (self.state, self.batch, self.rng)
         else:
             self.variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
             self.images = images
-            jitted = jax.jit(lambda v, x: model.apply(v, x, train=False))
+            jitted = jax.jit(lambda v, x: model.apply(v, x, train=False),
+                             compiler_options=compiler_options(side, dtype))
             call_args = (self.variables, images)
         info = jax_compile(jitted, call_args, not args.no_compile_cache, not args.skip_cold_compile, events)
         self.compiled = info.pop("compiled")

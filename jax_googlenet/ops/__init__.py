@@ -14,11 +14,17 @@ tests/test_ops.py checks each against torch.
   `local_response_norm` (the paper variant's LRN).
 - `winograd.py`: Winograd's F(m x m, r x r) convolution, its transforms and its backward.
 - `windows.py`: the shifted strided views that the slices kernels are built from.
+
+`compiler_options` gives the XLA options the steps are jitted with: on the CPU, which library runs the
+convolutions left to XLA (conv1 and a few narrow ones), chosen by image size; `convolution_kernels` says it.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 
 from jax_googlenet.ops.conv import conv2d
 from jax_googlenet.ops.norm import local_response_norm
@@ -36,5 +42,48 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
-__all__ = ["IMPLS", "adaptive_avg_pool", "conv2d", "local_response_norm", "max_pool", "pool_output_size",
-           "resolve_impl"]
+# XLA:CPU runs convolutions as YNNPACK fusions by default. Its own (Eigen) kernels ran every float32 convolution
+# the CPU paths leave to XLA faster from 64x64 images (conv1 at batch 16/224 30 against 41 ms, the narrow 3x3
+# ones 1.1-1.9x) and slower below (conv1 on 64 MNIST digits at 32x32: 2.0 against 1.4 ms); the eval forward
+# +7.7% at 16/224 and +5.8% at 64/96, -5.5% at 64/32 (benchmarks/NOTES.md, "XLA's own convolution kernels",
+# H10). Dots and reductions stay YNNPACK's: the option lists the fusion kinds it keeps. Not in float64, where
+# XLA's own convolution is a plain loop (5-10x slower), nor bfloat16, which YNNPACK's convolutions leave to XLA.
+XLA_CONVOLUTIONS_MIN_SIDE = 64
+XLA_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def compiler_options(image_side: int, dtype="float32") -> dict[str, str]:
+    """`jax.jit`'s compiler_options for the network's steps on images `image_side` pixels wide computed in
+    `dtype`: XLA_CONVOLUTIONS on the CPU in float32 from XLA_CONVOLUTIONS_MIN_SIDE, else none (and none where
+    this jaxlib lacks the option). `convolution_kernels` says which in words."""
+    if (jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32 or image_side < XLA_CONVOLUTIONS_MIN_SIDE
+            or not _xla_accepts_options()):
+        return {}
+    return dict(XLA_CONVOLUTIONS)
+
+
+def convolution_kernels(image_side: int, dtype="float32") -> str:
+    """The jobs' and the benchmark's words for what `compiler_options` chose."""
+    if jax.default_backend() != "cpu":
+        return f"XLA's default convolution kernels ({jax.default_backend()})"
+    if compiler_options(image_side, dtype):
+        return f"XLA's own convolution kernels (CPU, float32, images from {XLA_CONVOLUTIONS_MIN_SIDE} pixels)"
+    if jnp.dtype(dtype) == jnp.float32 and image_side >= XLA_CONVOLUTIONS_MIN_SIDE:
+        return "XLA:CPU's default convolution kernels (this jaxlib has no YNNPACK fusion option)"
+    return (f"XLA:CPU's default convolution kernels (YNNPACK's in float32 below {XLA_CONVOLUTIONS_MIN_SIDE} "
+            f"pixels)")
+
+
+@functools.cache
+def _xla_accepts_options() -> bool:
+    """Whether this jaxlib compiles with XLA_CONVOLUTIONS (an experimental XLA:CPU option), tried once."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=XLA_CONVOLUTIONS).lower(1.0).compile()
+    except jax.errors.JaxRuntimeError:  # an unknown option or value
+        return False
+    return True
+
+
+__all__ = ["IMPLS", "XLA_CONVOLUTIONS", "XLA_CONVOLUTIONS_MIN_SIDE", "adaptive_avg_pool", "compiler_options",
+           "conv2d", "convolution_kernels", "local_response_norm", "max_pool", "pool_output_size", "resolve_impl"]
