@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_googlenet import compilation_cache, googlenet
-from jax_googlenet.train import AUX_WEIGHT, create_train_state, jit_train_step, make_optimizer
 from jax_googlenet.ops import compiler_options
+from jax_googlenet.train import AUX_WEIGHT, create_train_state, jit_train_step, make_optimizer
 
 FRAMEWORKS = ("jax", "torch")
 WORKLOADS = ("eval", "train")

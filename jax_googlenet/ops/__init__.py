@@ -45,7 +45,7 @@ def resolve_impl(impl: str) -> str:
 # XLA:CPU runs convolutions as YNNPACK fusions by default. Its own (Eigen) kernels ran every float32 convolution
 # the CPU paths leave to XLA faster from 64x64 images (conv1 at batch 16/224 30 against 41 ms, the narrow 3x3
 # ones 1.1-1.9x) and slower below (conv1 on 64 MNIST digits at 32x32: 2.0 against 1.4 ms); the eval forward
-# +7.7% at 16/224 and +5.8% at 64/96, -5.5% at 64/32 (benchmarks/NOTES.md, "XLA's own convolution kernels",
+# +7.7% at 16/224, +2-6% at 64/96 and -5.5% at 64/32 (benchmarks/NOTES.md, "XLA's own convolution kernels",
 # H10). Dots and reductions stay YNNPACK's: the option lists the fusion kinds it keeps. Not in float64, where
 # XLA's own convolution is a plain loop (5-10x slower), nor bfloat16, which YNNPACK's convolutions leave to XLA.
 XLA_CONVOLUTIONS_MIN_SIDE = 64
