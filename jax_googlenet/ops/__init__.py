@@ -57,22 +57,25 @@ def compiler_options(image_side: int, dtype="float32") -> dict[str, str]:
     """`jax.jit`'s compiler_options for the network's steps on images `image_side` pixels wide computed in
     `dtype`: XLA_CONVOLUTIONS on the CPU in float32 from XLA_CONVOLUTIONS_MIN_SIDE, else none (and none where
     this jaxlib lacks the option). `convolution_kernels` says which in words."""
-    if (jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32 or image_side < XLA_CONVOLUTIONS_MIN_SIDE
-            or not _xla_accepts_options()):
-        return {}
-    return dict(XLA_CONVOLUTIONS)
+    return _choice(image_side, dtype)[0]
 
 
 def convolution_kernels(image_side: int, dtype="float32") -> str:
     """The jobs' and the benchmark's words for what `compiler_options` chose."""
+    return _choice(image_side, dtype)[1]
+
+
+def _choice(image_side: int, dtype) -> tuple[dict[str, str], str]:
+    """(compiler options, their description) for `compiler_options` and `convolution_kernels`."""
     if jax.default_backend() != "cpu":
-        return f"XLA's default convolution kernels ({jax.default_backend()})"
-    if compiler_options(image_side, dtype):
-        return f"XLA's own convolution kernels (CPU, float32, images from {XLA_CONVOLUTIONS_MIN_SIDE} pixels)"
-    if jnp.dtype(dtype) == jnp.float32 and image_side >= XLA_CONVOLUTIONS_MIN_SIDE:
-        return "XLA:CPU's default convolution kernels (this jaxlib has no YNNPACK fusion option)"
-    return (f"XLA:CPU's default convolution kernels (YNNPACK's in float32 below {XLA_CONVOLUTIONS_MIN_SIDE} "
-            f"pixels)")
+        return {}, f"XLA's default convolution kernels ({jax.default_backend()})"
+    if jnp.dtype(dtype) != jnp.float32 or image_side < XLA_CONVOLUTIONS_MIN_SIDE:
+        return {}, (f"XLA:CPU's default convolution kernels (YNNPACK's in float32 below {XLA_CONVOLUTIONS_MIN_SIDE} "
+                    f"pixels)")
+    if not _xla_accepts_options():
+        return {}, "XLA:CPU's default convolution kernels (this jaxlib has no YNNPACK fusion option)"
+    return dict(XLA_CONVOLUTIONS), (f"XLA's own convolution kernels (CPU, float32, images from "
+                                    f"{XLA_CONVOLUTIONS_MIN_SIDE} pixels)")
 
 
 @functools.cache
