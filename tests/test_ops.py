@@ -146,8 +146,8 @@ def test_local_response_norm_equals_torch():
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 2e-5)])
 def test_batch_norm_train_and_its_gradients_equal_torchs_batch_norm(dtype, tol):
     """batch_norm_train against torch.nn.functional.batch_norm(training=True): y, the batch mean and biased
-    variance, and the gradients of x, scale and bias, with channel means 30x their spread (the shifted one-pass
-    variance's hard case) and a loss that also reads the statistics."""
+    variance, and the gradients of x, scale and bias, with channel means 30x their spread (where a one-pass
+    variance, E[x^2] - E[x]^2, loses digits) and a loss that also reads the statistics."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4, 5, 6, 3)) * np.array([1.0, 0.1, 2.0]) + np.array([3.0, -3.0, 0.5])
     scale, bias = rng.normal(size=3), rng.normal(size=3)

@@ -1,9 +1,12 @@
-"""Normalisation: batch norm's training forward and backward in two passes over memory each, and the paper
-variant's local response normalisation (its Figure 3: after the stem's first pool and after conv3).
+"""Normalisation: batch norm's training forward and custom backward, and the paper variant's local response
+normalisation (its Figure 3: after the stem's first pool and after conv3).
 
-Batch norm in training (`batch_norm_train`): the forward reads x once for its statistics (the sum and the sum of
-squares of x less its first position per channel, the shifted one-pass variance) and once to normalise; the
-custom backward reads x and the gradient once for sum(g) and sum(g * (x - mean)) and once to write dx. Alone,
+Batch norm in training (`batch_norm_train`): the forward's statistics are the two-pass ones, the mean and then the
+mean of (x - mean)^2, with x - mean written once and kept for the backward; the normalised output is left to XLA
+to fuse into its consumer. XLA:CPU runs the sums as YNNPACK fusions, which take no broadcast subtraction inside, so
+the shifted one-pass variance used before (the sums of x less its first position) wrote its shifted copy as well:
+one pass over memory more per layer for the same speed in the step (benchmarks/NOTES.md, H12). The custom
+backward reads x - mean and the gradient once for sum(g) and sum(g * (x - mean)) and once to write dx. Alone,
 batch norm + ReLU forward and backward at conv1's output (16 x 112 x 112 x 64) took 42 ms against autodiff's 80,
 at 16 x 28 x 28 x 256 7 against 11; in the 16/224 train step, where XLA fuses autodiff's passes with their
 neighbours, the same speed, 3% less CPU time and 2-5 s less compile (benchmarks/NOTES.md, "The step beyond the
@@ -56,12 +59,10 @@ def _batch_norm_fwd(x, scale, bias, epsilon, dtype):
     stats = jnp.promote_types(jnp.float32, scale.dtype)
     n = x.size // x.shape[-1]
     xf = x.astype(stats)
-    shift = lax.index_in_dim(lax.reshape(xf, (n, x.shape[-1])), 0, keepdims=False)  # keeps the sums small
-    d = xf - shift
-    s1, s2 = _sums(d, d)
-    mean_shifted = s1 / n
-    mean = shift + mean_shifted
-    var = jnp.maximum(s2 / n - mean_shifted * mean_shifted, 0)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.sum(xf, axes) / n
+    xc = xf - mean
+    var = jnp.sum(xc * xc, axes) / n
     y = batch_norm_apply(x, mean, var, scale, bias, epsilon, dtype)
     return (y, mean, var), (x, mean, lax.rsqrt(var + epsilon), scale, bias)
 
