@@ -40,7 +40,7 @@ from experiments.loop import UsageError
 from jax_googlenet import distributed, imagenet, images, pipeline, train
 from jax_googlenet.checkpoint import save_model
 from jax_googlenet.model import accepted_sides, googlenet
-from jax_googlenet.ops import convolution_kernels, resolve_impl
+from jax_googlenet.ops import xla_kernels, resolve_impl
 
 # The flat config: torchvision's reference recipe (references/classification/train.py) at a fine-tuning
 # learning rate for batch 32; warmup_epochs: linear warmup before the cosine decay; weight_decay: coupled L2.
@@ -247,7 +247,7 @@ def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead
                 f"fine-tuning (backbone learning rate x{cfg['backbone_lr_scale']:g})")
         print(f"model: torchvision GoogLeNet, {len(cfg['classes'])} classes, {cfg['dtype']}, transform_input="
               f"{transform_input}, {origin}; {mode}; convolutions and pools: {resolve_impl(model.impl)} (chosen "
-              f"for the {jax.default_backend()} backend), {convolution_kernels(cfg['image_size'], cfg['dtype'])}",
+              f"for the {jax.default_backend()} backend), {xla_kernels(cfg['image_size'], cfg['dtype'])}",
               flush=True)
     tx = train.make_optimizer(cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
                               weight_decay=cfg["weight_decay"], schedule=cfg["schedule"],
@@ -414,7 +414,7 @@ def evaluate_only(args) -> dict:
     eval_step = loop.jit_eval_step(eval_fn, mesh, cfg["image_size"], cfg["dtype"])
     _, eval_batches = make_batches(cfg, dataset, 0, workers(args))
     print(f"transform: Resize({cfg['resize_size']}) + CenterCrop({cfg['image_size']}) (torchvision's, on the "
-          f"host); {convolution_kernels(cfg['image_size'], cfg['dtype'])}", flush=True)
+          f"host); {xla_kernels(cfg['image_size'], cfg['dtype'])}", flush=True)
     lead = jax.process_index() == 0
     with progress.bar(len(dataset.val), desc="evaluating", disable=not lead) as shown:
         metrics, details = loop.evaluate_batches(eval_step, distributed.replicate(state, mesh),

@@ -26,7 +26,7 @@ from experiments import loop
 from experiments.loop import UsageError
 from jax_googlenet import data, distributed, train
 from jax_googlenet.model import RENAMED, accepted_sides, googlenet
-from jax_googlenet.ops import convolution_kernels, resolve_impl
+from jax_googlenet.ops import xla_kernels, resolve_impl
 
 # Flat configs. max_shift: random translation of the 28x28 digits by up to that many pixels (on the device);
 # warmup_epochs: linear warmup before the cosine decay; weight_decay: coupled L2, as torch's SGD.
@@ -170,7 +170,7 @@ def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead
     if lead:
         print(f"model: {cfg['variant']} variant, {cfg['dtype']}, convolutions and pools: "
               f"{resolve_impl(model.impl)} (chosen for the {jax.default_backend()} backend), "
-              f"{convolution_kernels(cfg['image_size'], cfg['dtype'])}", flush=True)
+              f"{xla_kernels(cfg['image_size'], cfg['dtype'])}", flush=True)
     tx = train.make_optimizer(cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
                               weight_decay=cfg["weight_decay"], schedule=cfg["schedule"],
                               total_steps=steps_per_epoch * cfg["epochs"],

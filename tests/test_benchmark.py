@@ -103,9 +103,9 @@ def test_markdown_and_plot_are_written(tiny):
     assert "host memory: freed blocks kept for reuse" in stdout
     assert tiny[0]["settings"]["host_memory"].startswith("host memory: freed blocks kept")
     assert "never trim; --system-malloc leaves malloc as it is), for both frameworks" in text
-    # the convolution kernels XLA was told to use (none at 32 pixels), recorded and stated
+    # the dot and convolution kernels XLA was told to use (none at 32 pixels), recorded and stated
     assert tiny[0]["settings"]["xla_compiler_options"] == {"float32": {}}
-    assert "JAX float32: XLA:CPU's default convolution kernels (YNNPACK's in float32 below 64" in text
+    assert "JAX float32: XLA:CPU's default dot and convolution kernels (YNNPACK's" in text
 
 
 def test_peaks_are_stated_from_the_cpus_vector_units_or_the_gpu_data_sheet():

@@ -66,7 +66,7 @@ def test_cli_writes_metrics_plot_checkpoints_and_reports_accuracy_last(uninterru
     workdir, out = uninterrupted
     assert "preset: quick" in out and "mesh data=1" in out and "dataset: idx" in out
     assert "host memory: freed blocks kept for reuse" in out
-    assert "XLA:CPU's default convolution kernels (YNNPACK's in float32 below 64 pixels)" in out
+    assert "XLA:CPU's default dot and convolution kernels (YNNPACK's in float32 below 64 pixels)" in out
     last = out.strip().splitlines()[-1]
     assert last.startswith("test_accuracy=") and len(last) == len("test_accuracy=0.xxxx")
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -67,7 +67,7 @@ def test_eval_logits_equal_torchvision(torchvision_state_dict, variables, side, 
     with torch.no_grad():
         ref = torch_model(x).numpy()
     model = GoogLeNet(VARIANTS["torchvision"], transform_input=transform_input, impl=impl)
-    # compiled as the jobs compile it for this size (`ops.compiler_options`: XLA's own convolutions from 64 px)
+    # compiled as the jobs compile it for this size (`ops.compiler_options`: XLA's own dots and convolutions from 64 px)
     ours = jax.jit(lambda v, x: model.apply(v, x, train=False),
                    compiler_options=compiler_options(side))(variables, nhwc(x))
     assert ours.shape == ref.shape

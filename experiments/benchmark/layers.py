@@ -25,7 +25,7 @@ import numpy as np
 
 from experiments.benchmark.machine import configure_threads
 from jax_googlenet import host_memory
-from jax_googlenet.ops import convolution_kernels
+from jax_googlenet.ops import xla_kernels
 
 
 def model_layers(image_size: int, batch: int) -> list[dict]:
@@ -157,7 +157,7 @@ def markdown(rows: list[dict], args) -> str:
     keys = [k for k in rows[0] if k not in ("name", "shape", "op")]
     lines = [f"Command: `python -m experiments.benchmark.layers {' '.join(sys.argv[1:])}`", "",
              f"ms per call, median of {args.repeats}; f+b = forward and the step's gradients; {args.host_memory}; "
-             f"JAX: {convolution_kernels(args.image_size)}.",
+             f"JAX: {xla_kernels(args.image_size)}.",
              "",
              "| layer | input (NHWC) | op | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
     for r in rows:

@@ -38,7 +38,7 @@ def markdown(result: dict) -> str:
              f"{result['settings'].get('host_memory', 'host memory: not recorded')}, for both frameworks", "",
              *(f"JAX {d}: {kernels}; XLA compiler options "
                f"{result['settings'].get('xla_compiler_options', {}).get(d) or '(none)'}"
-               for d, kernels in result["settings"].get("convolution_kernels", {}).items()), ""]
+               for d, kernels in result["settings"].get("xla_kernels", {}).items()), ""]
     for dtype, p in result["peak"].items():
         lines.append(f"Peak {dtype}: {p['tflops'] * 1e3:.0f} GFLOP/s = {p['how']}")
     lines.append("")

@@ -15,8 +15,8 @@ tests/test_ops.py checks each against torch.
 - `winograd.py`: Winograd's F(m x m, r x r) convolution, its transforms and its backward.
 - `windows.py`: the shifted strided views that the slices kernels are built from.
 
-`compiler_options` gives the XLA options the steps are jitted with: on the CPU, which library runs the
-convolutions left to XLA (conv1 and a few narrow ones), chosen by image size; `convolution_kernels` says it.
+`compiler_options` gives the XLA options the steps are jitted with: on the CPU, which libraries run the dots and
+the convolutions left to XLA, chosen by image size; `xla_kernels` says it.
 """
 
 from __future__ import annotations
@@ -42,51 +42,52 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
-# XLA:CPU runs convolutions as YNNPACK fusions by default. Its own (Eigen) kernels ran every float32 convolution
-# the CPU paths leave to XLA faster from 64x64 images (conv1 at batch 16/224 30 against 41 ms, the narrow 3x3
-# ones 1.1-1.9x) and slower below (conv1 on 64 MNIST digits at 32x32: 2.0 against 1.4 ms); the eval forward
-# +7.7% at 16/224, +2-6% at 64/96 and -5.5% at 64/32 (benchmarks/NOTES.md, "XLA's own convolution kernels",
-# H10). Dots and reductions stay YNNPACK's: the option lists the fusion kinds it keeps. Not in float64, where
-# XLA's own convolution is a plain loop (5-10x slower), nor bfloat16, which YNNPACK's convolutions leave to XLA.
-XLA_CONVOLUTIONS_MIN_SIDE = 64
-XLA_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+# XLA:CPU runs dots, convolutions and reductions as YNNPACK fusions by default. From 64x64 images XLA's own
+# kernels ran the network's dots and the convolutions left to XLA faster: its own convolutions conv1 at batch
+# 16/224 in 30 against 41 ms and the narrow 3x3 ones 1.1-1.9x faster (H10), its own dots then added +3-6% to
+# the 16/224 train step, +7-10% to its eval forward and +7% to the 64/96 eval forward (H13). Below 64 pixels
+# both were slower (the 64/32 train step -6% with its dots; conv1 on 64 MNIST digits 2.0 against 1.4 ms).
+# Reductions stay YNNPACK's (XLA's cost the 16/224 train step 19%): the option lists the fusion kinds it keeps.
+# Not in float64, where XLA's own convolution is a plain loop (5-10x slower), nor bfloat16, which YNNPACK's
+# convolutions leave to XLA. Figures: benchmarks/NOTES.md, "XLA's own kernels".
+XLA_KERNELS_MIN_SIDE = 64
+XLA_KERNELS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def compiler_options(image_side: int, dtype="float32") -> dict[str, str]:
     """`jax.jit`'s compiler_options for the network's steps on images `image_side` pixels wide computed in
-    `dtype`: XLA_CONVOLUTIONS on the CPU in float32 from XLA_CONVOLUTIONS_MIN_SIDE, else none (and none where
-    this jaxlib lacks the option). `convolution_kernels` says which in words."""
+    `dtype`: XLA_KERNELS on the CPU in float32 from XLA_KERNELS_MIN_SIDE, else none (and none where
+    this jaxlib lacks the option). `xla_kernels` says which in words."""
     return _choice(image_side, dtype)[0]
 
 
-def convolution_kernels(image_side: int, dtype="float32") -> str:
+def xla_kernels(image_side: int, dtype="float32") -> str:
     """The jobs' and the benchmark's words for what `compiler_options` chose."""
     return _choice(image_side, dtype)[1]
 
 
 def _choice(image_side: int, dtype) -> tuple[dict[str, str], str]:
-    """(compiler options, their description) for `compiler_options` and `convolution_kernels`."""
+    """(compiler options, their description) for `compiler_options` and `xla_kernels`."""
     if jax.default_backend() != "cpu":
-        return {}, f"XLA's default convolution kernels ({jax.default_backend()})"
-    if jnp.dtype(dtype) != jnp.float32 or image_side < XLA_CONVOLUTIONS_MIN_SIDE:
-        return {}, (f"XLA:CPU's default convolution kernels (YNNPACK's in float32 below {XLA_CONVOLUTIONS_MIN_SIDE} "
-                    f"pixels)")
+        return {}, f"XLA's default dot and convolution kernels ({jax.default_backend()})"
+    if jnp.dtype(dtype) != jnp.float32 or image_side < XLA_KERNELS_MIN_SIDE:
+        return {}, (f"XLA:CPU's default dot and convolution kernels (YNNPACK's in float32 below "
+                    f"{XLA_KERNELS_MIN_SIDE} pixels)")
     if not _xla_accepts_options():
-        return {}, "XLA:CPU's default convolution kernels (this jaxlib has no YNNPACK fusion option)"
-    return dict(XLA_CONVOLUTIONS), (f"XLA's own convolution kernels (CPU, float32, images from "
-                                    f"{XLA_CONVOLUTIONS_MIN_SIDE} pixels)")
+        return {}, "XLA:CPU's default dot and convolution kernels (this jaxlib has no YNNPACK fusion option)"
+    return dict(XLA_KERNELS), (f"XLA's own dot and convolution kernels (CPU, float32, images from "
+                               f"{XLA_KERNELS_MIN_SIDE} pixels)")
 
 
 @functools.cache
 def _xla_accepts_options() -> bool:
-    """Whether this jaxlib compiles with XLA_CONVOLUTIONS (an experimental XLA:CPU option), tried once."""
+    """Whether this jaxlib compiles with XLA_KERNELS (an experimental XLA:CPU option), tried once."""
     try:
-        jax.jit(lambda x: x + 1, compiler_options=XLA_CONVOLUTIONS).lower(1.0).compile()
+        jax.jit(lambda x: x + 1, compiler_options=XLA_KERNELS).lower(1.0).compile()
     except jax.errors.JaxRuntimeError:  # an unknown option or value
         return False
     return True
 
 
-__all__ = ["IMPLS", "XLA_CONVOLUTIONS", "XLA_CONVOLUTIONS_MIN_SIDE", "adaptive_avg_pool", "compiler_options",
-           "conv2d", "convolution_kernels", "local_response_norm", "max_pool", "pool_output_size", "resolve_impl"]
+__all__ = ["IMPLS", "XLA_KERNELS", "XLA_KERNELS_MIN_SIDE", "adaptive_avg_pool", "compiler_options",
+           "conv2d", "local_response_norm", "max_pool", "pool_output_size", "resolve_impl", "xla_kernels"]
