@@ -8,8 +8,7 @@
   an im2col dot below (XLA's is 3-10x slower on 2x2 maps); backward as dots on the k*k shifted views, keeping
   x rather than its k*k times larger im2col, except XLA's weight gradient on 12-28 wide outputs, where it is
   1.3-2.6x faster than the im2col dot.
-- strided convolutions (conv1, 7x7/2 on the image; `_conv_strided`): XLA's convolution forward and input
-  gradient; the weight gradient as im2col + dot over chunks of two images in a scan (XLA:CPU's is 2x slower).
+- strided convolutions (conv1, 7x7/2 on the image): XLA's convolution and its autodiff backward.
 "winograd", the CPU's default: as "slices", with fewer multiplications for stride-1 k x k convolutions:
 - maps of fewer than k*k positions (3x3 on 2x2 and 1x1, 5x5 below 5x5): one dense product without the zero
   taps of the padding (`_conv_dense`);
@@ -44,17 +43,16 @@ def _xla_conv(x, kernel, stride: int, padding: int):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _im2col(x, k: int, padding: int, stride: int = 1):
-    """(n, ho, wo, k*k*c): the k*k (strided) shifted views of the zero-padded x side by side, offset-major."""
+def _im2col(x, k: int, padding: int):
+    """(n, ho, wo, k*k*c): the k*k shifted views of the zero-padded x side by side, offset-major."""
     x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (padding, padding, 0), (padding, padding, 0), (0, 0, 0)])
-    return jnp.concatenate(shifted_slices(x, k, stride), axis=-1)
+    return jnp.concatenate(shifted_slices(x, k, 1), axis=-1)
 
 
-def _im2col_weight_grad(x, dy, k: int, padding: int, stride: int = 1, acc=None):
+def _im2col_weight_grad(x, dy, k: int, padding: int):
     """im2col(x)^T dy, (k*k*C, O): a convolution's weight gradient as one 2-D dot (rows contracted)."""
-    cols = _im2col(x, k, padding, stride).reshape(-1, k * k * x.shape[-1])
-    return jax.lax.dot_general(cols, dy.reshape(-1, dy.shape[-1]), (((0,), (0,)), ((), ())),
-                               preferred_element_type=acc)
+    cols = _im2col(x, k, padding).reshape(-1, k * k * x.shape[-1])
+    return jax.lax.dot_general(cols, dy.reshape(-1, dy.shape[-1]), (((0,), (0,)), ((), ())))
 
 
 # Winograd's F(m x m, k x k) for stride-1 k x k convolutions: the first m listed whose tiles divide the output
@@ -79,7 +77,7 @@ def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
     """NHWC x HWIO convolution. "xla": lax.conv_general_dilated, forward and backward. "slices": a 1x1 conv is
     one dot over channels; a stride-1 k x k conv (`_conv_kxk`) has a backward made of dots on the k*k shifted
     views, which XLA:CPU runs faster than its convolution backward (module docstring).
-    A strided conv (conv1) keeps XLA's convolution but for its weight gradient (`_conv_strided`).
+    A strided conv (conv1) is XLA's convolution, forward and backward.
     "winograd": as "slices", but a stride-1 k x k conv on a map smaller than k x k is one dense product without
     the zero taps (`_conv_dense`), and on larger maps Winograd's F(m x m, k x k) where `WINOGRAD` lists the
     size, in float32 and float64 (in bfloat16, whose rounding error Winograd's transforms would multiply, the
@@ -87,7 +85,9 @@ def conv2d(x, kernel, stride: int, padding: int, impl: str = "xla"):
     if impl == "xla":
         return _xla_conv(x, kernel, stride, padding)
     if stride > 1:
-        return _conv_strided(x, kernel, stride, padding)
+        # XLA's weight gradient: the train step +2% at 16/224 and +4% at 64/32 against im2col + dot over chunks
+        # of two images in a scan, within the noise at 64/96, and ~1 s less compile (NOTES.md, H14)
+        return _xla_conv(x, kernel, stride, padding)
     k = kernel.shape[0]
     if k == 1 and padding == 0:
         return _matmul(x, kernel[0, 0])
@@ -167,45 +167,3 @@ def _conv_kxk_bwd(padding, res, dy):
 
 
 _conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
-
-
-# Images per chunk of the strided conv's weight gradient (NOTES.md, "conv1's weight gradient as im2col + dot
-# over chunks of two images").
-STRIDED_WEIGHT_GRAD_IMAGES = 2
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_strided(x, kernel, stride: int, padding: int):
-    """Strided convolution (conv1, 7x7/2 on the image): XLA's convolution forward and for the input gradient.
-    The weight gradient is im2col(x)^T dy summed over chunks of STRIDED_WEIGHT_GRAD_IMAGES images in a scan,
-    so each chunk's im2col stays in cache: XLA:CPU's own is 2x slower, and one im2col of the whole batch
-    (147 columns of 3 channels each) costs more than the dot. With more than one device, XLA's (the scan
-    would gather a batch sharded over devices onto each of them)."""
-    return _xla_conv(x, kernel, stride, padding)
-
-
-def _conv_strided_fwd(x, kernel, stride, padding):
-    return _conv_strided(x, kernel, stride, padding), (x, kernel)
-
-
-def _conv_strided_bwd(stride, padding, res, dy):
-    x, kernel = res
-    conv = functools.partial(_xla_conv, stride=stride, padding=padding)
-    if jax.device_count() > 1:
-        return jax.vjp(conv, x, kernel)[1](dy)
-    dx = jax.vjp(lambda v: conv(v, kernel), x)[1](dy)[0]  # jit drops it: conv1's input is the image
-    k, _, c, o = kernel.shape
-    n = x.shape[0]
-    per = max((d for d in range(1, min(n, STRIDED_WEIGHT_GRAD_IMAGES) + 1) if n % d == 0), default=1)
-    acc = jnp.promote_types(dy.dtype, jnp.float32)
-
-    def chunk(total, xd):
-        return total + _im2col_weight_grad(*xd, k, padding, stride, acc), None
-
-    chunks = (x.reshape(n // per, per, *x.shape[1:]), dy.reshape(n // per, per, *dy.shape[1:]))
-    dk = jax.lax.scan(chunk, jnp.zeros((k * k * c, o), acc), chunks)[0]
-    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
-
-
-_conv_strided.defvjp(_conv_strided_fwd, _conv_strided_bwd)
-
