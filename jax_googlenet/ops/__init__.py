@@ -49,7 +49,7 @@ def resolve_impl(impl: str) -> str:
 # both were slower (the 64/32 train step -6% with its dots; conv1 on 64 MNIST digits 2.0 against 1.4 ms).
 # Reductions stay YNNPACK's (XLA's cost the 16/224 train step 19%): the option lists the fusion kinds it keeps.
 # Not in float64, where XLA's own convolution is a plain loop (5-10x slower), nor bfloat16, which YNNPACK's
-# convolutions leave to XLA. Figures: benchmarks/NOTES.md, "XLA's own kernels".
+# convolutions leave to XLA. Figures: benchmarks/NOTES.md, H10 and H13.
 XLA_KERNELS_MIN_SIDE = 64
 XLA_KERNELS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
