@@ -40,7 +40,7 @@ from experiments.loop import UsageError
 from jax_googlenet import distributed, imagenet, images, pipeline, train
 from jax_googlenet.checkpoint import save_model
 from jax_googlenet.model import accepted_sides, googlenet
-from jax_googlenet.ops import xla_kernels, resolve_impl
+from jax_googlenet.ops import resolve_impl, xla_kernels
 
 # The flat config: torchvision's reference recipe (references/classification/train.py) at a fine-tuning
 # learning rate for batch 32; warmup_epochs: linear warmup before the cosine decay; weight_decay: coupled L2.

@@ -26,7 +26,7 @@ from experiments import loop
 from experiments.loop import UsageError
 from jax_googlenet import data, distributed, train
 from jax_googlenet.model import RENAMED, accepted_sides, googlenet
-from jax_googlenet.ops import xla_kernels, resolve_impl
+from jax_googlenet.ops import resolve_impl, xla_kernels
 
 # Flat configs. max_shift: random translation of the 28x28 digits by up to that many pixels (on the device);
 # warmup_epochs: linear warmup before the cosine decay; weight_decay: coupled L2, as torch's SGD.

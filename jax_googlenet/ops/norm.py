@@ -2,15 +2,15 @@
 normalisation (its Figure 3: after the stem's first pool and after conv3).
 
 Batch norm in training (`batch_norm_train`): the forward's statistics are the two-pass ones, the mean and then the
-mean of (x - mean)^2, with x - mean written once and kept for the backward; the normalised output is left to XLA
-to fuse into its consumer. XLA:CPU runs the sums as YNNPACK fusions, which take no broadcast subtraction inside, so
-the shifted one-pass variance used before (the sums of x less its first position) wrote its shifted copy as well:
-one pass over memory more per layer for the same speed in the step (benchmarks/NOTES.md, H12). The custom
-backward reads x - mean and the gradient once for sum(g) and sum(g * (x - mean)) and once to write dx. Alone,
-batch norm + ReLU forward and backward at conv1's output (16 x 112 x 112 x 64) took 42 ms against autodiff's 80,
-at 16 x 28 x 28 x 256 7 against 11; in the 16/224 train step, where XLA fuses autodiff's passes with their
-neighbours, the same speed, 3% less CPU time and 2-5 s less compile (benchmarks/NOTES.md, "The step beyond the
-convolutions", H2). Both reductions are plain sums: one variadic reduce computing the two ran 1.5-3x slower.
+mean of (x - mean)^2; XLA writes x - mean once and shares it with the backward, which computes it again from x; the
+normalised output is left to XLA to fuse into its consumer. XLA:CPU runs the sums as YNNPACK fusions, which take no
+broadcast subtraction inside, so a shifted one-pass variance (the sums of x less its first position) writes its
+shifted copy as well: one pass over memory more per layer, for the same speed in the step (benchmarks/NOTES.md,
+H12). The custom backward reads x - mean and the gradient once for sum(g) and sum(g * (x - mean)) and once to write
+dx. Alone, batch norm + ReLU forward and backward at conv1's output (16 x 112 x 112 x 64) took 42 ms against
+autodiff's 80, at 16 x 28 x 28 x 256 7 against 11; in the 16/224 train step, where XLA fuses autodiff's passes with
+their neighbours, the same speed, 3% less CPU time and 2-5 s less compile (benchmarks/NOTES.md, "The step beyond
+the convolutions", H2). Both reductions are plain sums: one variadic reduce computing the two ran 1.5-3x slower.
 """
 
 from __future__ import annotations
