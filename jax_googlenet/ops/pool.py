@@ -63,13 +63,15 @@ def _first_argmax(xp, y, window: int, stride: int):
 
 def _window_max_bwd(window, stride, res, g):
     """Each output's gradient goes to the first input of its window (row-major) equal to the maximum, torch's
-    max_pool2d rule. The gradient and the argmax are spread back to input positions once (interior padding by
-    the stride, edge padding by the window) and every input sums the window*window shifted views that can reach
-    it: one elementwise pass that XLA fuses. Differentiating the jnp.maximum chain instead splits ties and costs
-    a select and a divide per offset."""
+    max_pool2d rule. Strided pools: `_spread_strided`. Stride 1: the gradient and the argmax are edge-padded by
+    the window once and every input sums the window*window shifted views that can reach it, one elementwise pass
+    that XLA fuses. Differentiating the jnp.maximum chain instead splits ties and costs a select and a divide per
+    offset."""
     xp, y = res
     n, h, w, c = xp.shape
     ho, wo = y.shape[1:3]
+    if stride > 1:
+        return (_spread_strided(g, _first_argmax(xp, y, window, stride), window, stride, xp.shape),)
     cfg = [(0, 0, 0), (window - 1, h - stride * (ho - 1) - 1, stride - 1),
            (window - 1, w - stride * (wo - 1) - 1, stride - 1), (0, 0, 0)]
     gp = jax.lax.pad(g, jnp.zeros((), g.dtype), cfg)
@@ -84,6 +86,34 @@ def _window_max_bwd(window, stride, res, g):
         part = jax.lax.select(hit, view(gp), jax.lax.full(xp.shape, 0, gp.dtype))
         dxp = part if dxp is None else dxp + part
     return (dxp,)
+
+
+def _spread_strided(g, idx, window: int, stride: int, shape):
+    """The strided pool's input gradient: for each window offset k, the outputs' gradient where k is the first
+    argmax, placed at the inputs that offset reads by one pad (low edge k's row and column, interior stride - 1),
+    the window*window pads summed: one pass over output-sized arrays, no interior-padded copy of the gradient or
+    the argmax written. Alone, pool1's forward + backward at batch 16/224 took 12-14 ms this way against 44 for
+    the shifted views of an interior-padded gradient (PyTorch's 18.8); in the train step +2% at 16/224 and 64/96
+    (benchmarks/NOTES.md, H21). The sum runs in a `lax.cond` on a predicate that always holds (an argmax is never
+    negative) but that XLA cannot fold: XLA keeps a conditional's operands as written arrays, where otherwise it
+    fused the argmax and the gradient's own computation into every pad term and the step ran 17-20% slower."""
+    h, w = shape[1:3]
+    ho, wo = g.shape[1:3]
+
+    def spread(g, idx):
+        dxp = None
+        for k in range(window * window):
+            i, j = divmod(k, window)
+            part = jax.lax.select(jax.lax.eq(idx, jax.lax.full(idx.shape, k, idx.dtype)), g,
+                                  jax.lax.full(g.shape, 0, g.dtype))
+            term = jax.lax.pad(part, jnp.zeros((), g.dtype),
+                               [(0, 0, 0), (i, h - i - stride * (ho - 1) - 1, stride - 1),
+                                (j, w - j - stride * (wo - 1) - 1, stride - 1), (0, 0, 0)])
+            dxp = term if dxp is None else dxp + term
+        return dxp
+
+    always = jax.lax.ge(idx[0, 0, 0, 0], jnp.asarray(0, idx.dtype))
+    return jax.lax.cond(always, spread, lambda g, idx: jnp.zeros(shape, g.dtype), g, idx)
 
 
 _window_max.defvjp(_window_max_fwd, _window_max_bwd)
