@@ -4,7 +4,8 @@ Max pool, by `impl` (see `jax_googlenet.ops`): "xla" is `reduce_window`, whose b
 iota, reduce-window and scatter (a third of the train step on the CPU); "slices", the CPU's path, is the
 elementwise maximum of the window's shifted slices with a custom backward that routes each gradient to the
 window's first maximum (torch's rule, tested on ties against torch) in one fused elementwise pass: 1.38x the
-train step at 16/224 (benchmarks/NOTES.md, "A custom VJP for the slices max pool").
+train step at 16/224 (benchmarks/NOTES.md, "A custom VJP for the slices max pool"); for strided pools that pass
+is one pad per window offset (`_spread_strided`, NOTES.md H21).
 """
 
 from __future__ import annotations
