@@ -73,8 +73,7 @@ def _window_max_bwd(window, stride, res, g):
     ho, wo = y.shape[1:3]
     if stride > 1:
         return (_spread_strided(g, _first_argmax(xp, y, window, stride), window, stride, xp.shape),)
-    cfg = [(0, 0, 0), (window - 1, h - stride * (ho - 1) - 1, stride - 1),
-           (window - 1, w - stride * (wo - 1) - 1, stride - 1), (0, 0, 0)]
+    cfg = [(0, 0, 0), (window - 1, h - ho, 0), (window - 1, w - wo, 0), (0, 0, 0)]  # stride 1 from here
     gp = jax.lax.pad(g, jnp.zeros((), g.dtype), cfg)
     idx = _first_argmax(xp, y, window, stride)
     ip = jax.lax.pad(idx, jnp.asarray(-1, idx.dtype), cfg)
