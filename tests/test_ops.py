@@ -176,13 +176,15 @@ def test_batch_norm_train_and_its_gradients_equal_torchs_batch_norm(dtype, tol):
 
 def test_compiler_options_choose_xlas_own_dots_and_convolutions_from_64_pixels_in_float32():
     """On the CPU in float32 from 64-pixel images the steps compile with XLA's own dot and convolution kernels
-    (`ops.compiler_options`): conv1 (XLA's convolution) and a 1x1 convolution (a dot) compiled so are no YNNPACK
-    fusion, and equal torch's conv2d as the default compile does. Below 64 pixels, in float64 and in bfloat16,
-    no options."""
-    assert ops.compiler_options(224) == ops.compiler_options(64) == ops.XLA_KERNELS
+    (`ops.compiler_options`), from 224 pixels with XLA's elemental loop emitters as well: conv1 (XLA's
+    convolution) and a 1x1 convolution (a dot) compiled so are no YNNPACK fusion, and equal torch's conv2d as the
+    default compile does. Below 64 pixels, in float64 and in bfloat16, no options."""
+    assert ops.compiler_options(223) == ops.compiler_options(64) == ops.XLA_KERNELS
+    assert ops.compiler_options(224) == {**ops.XLA_KERNELS, **ops.ELEMENTAL_EMITTERS}
     assert ops.compiler_options(63) == ops.compiler_options(224, "float64") == {}
     assert ops.compiler_options(224, jnp.bfloat16) == {}
-    assert "XLA's own" in ops.xla_kernels(224) and "YNNPACK" in ops.xla_kernels(32)
+    assert "XLA's own" in ops.xla_kernels(96) and "YNNPACK" in ops.xla_kernels(32)
+    assert "elemental" in ops.xla_kernels(224) and "elemental" not in ops.xla_kernels(96)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 64, 64, 3)).astype(np.float32)
     for w, stride, padding in ((rng.normal(size=(7, 7, 3, 64)), 2, 3), (rng.normal(size=(1, 1, 3, 16)), 1, 0)):
@@ -190,7 +192,7 @@ def test_compiler_options_choose_xlas_own_dots_and_convolutions_from_64_pixels_i
         ref = torch.nn.functional.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2),
                                          torch.from_numpy(w).permute(3, 2, 0, 1), stride=stride,
                                          padding=padding).permute(0, 2, 3, 1).numpy()
-        for options, ynn in ((ops.compiler_options(64), False), ({}, True)):
+        for options, ynn in ((ops.compiler_options(64), False), (ops.compiler_options(224), False), ({}, True)):
             f = jax.jit(lambda a, b: conv2d(a, b, stride, padding, "winograd"),
                         compiler_options=options).lower(x, w).compile()
             assert ("ynn_fusion" in f.as_text()) == ynn

@@ -52,12 +52,17 @@ def resolve_impl(impl: str) -> str:
 # convolutions leave to XLA. Figures: benchmarks/NOTES.md, H10 and H13.
 XLA_KERNELS_MIN_SIDE = 64
 XLA_KERNELS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+# From 224-pixel images, XLA:CPU's elemental loop emitters instead of its fusion emitters: the 16/224 train step
+# compiled in 11.2-11.7 s against 13.1-13.6 at the same speed (+1.7% and -2% train, eval equal, two runs); at 96
+# pixels train -1 to -2% (compile -1 s), at 32 pixels -10%. Figures: benchmarks/NOTES.md, H22.
+ELEMENTAL_EMITTERS_MIN_SIDE = 224
+ELEMENTAL_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
 
 
 def compiler_options(image_side: int, dtype="float32") -> dict[str, str]:
     """`jax.jit`'s compiler_options for the network's steps on images `image_side` pixels wide computed in
-    `dtype`: XLA_KERNELS on the CPU in float32 from XLA_KERNELS_MIN_SIDE, else none (and none where
-    this jaxlib lacks the option). `xla_kernels` says which in words."""
+    `dtype`: on the CPU in float32, XLA_KERNELS from XLA_KERNELS_MIN_SIDE and ELEMENTAL_EMITTERS as well from
+    ELEMENTAL_EMITTERS_MIN_SIDE, else none (and none that this jaxlib lacks). `xla_kernels` says which in words."""
     return _choice(image_side, dtype)[0]
 
 
@@ -73,21 +78,26 @@ def _choice(image_side: int, dtype) -> tuple[dict[str, str], str]:
     if jnp.dtype(dtype) != jnp.float32 or image_side < XLA_KERNELS_MIN_SIDE:
         return {}, (f"XLA:CPU's default dot and convolution kernels (YNNPACK's in float32 below "
                     f"{XLA_KERNELS_MIN_SIDE} pixels)")
-    if not _xla_accepts_options():
+    if not _xla_accepts(tuple(XLA_KERNELS.items())):
         return {}, "XLA:CPU's default dot and convolution kernels (this jaxlib has no YNNPACK fusion option)"
-    return dict(XLA_KERNELS), (f"XLA's own dot and convolution kernels (CPU, float32, images from "
-                               f"{XLA_KERNELS_MIN_SIDE} pixels)")
+    words = f"XLA's own dot and convolution kernels (CPU, float32, images from {XLA_KERNELS_MIN_SIDE} pixels)"
+    if image_side < ELEMENTAL_EMITTERS_MIN_SIDE:
+        return dict(XLA_KERNELS), words
+    if not _xla_accepts(tuple(ELEMENTAL_EMITTERS.items())):
+        return dict(XLA_KERNELS), words + "; this jaxlib has no option for XLA:CPU's elemental loop emitters"
+    return {**XLA_KERNELS, **ELEMENTAL_EMITTERS}, (words + f"; XLA:CPU's elemental loop emitters (images from "
+                                                   f"{ELEMENTAL_EMITTERS_MIN_SIDE} pixels)")
 
 
 @functools.cache
-def _xla_accepts_options() -> bool:
-    """Whether this jaxlib compiles with XLA_KERNELS (an experimental XLA:CPU option), tried once."""
+def _xla_accepts(options: tuple[tuple[str, object], ...]) -> bool:
+    """Whether this jaxlib compiles with `options` (experimental XLA:CPU options), tried once each."""
     try:
-        jax.jit(lambda x: x + 1, compiler_options=XLA_KERNELS).lower(1.0).compile()
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(1.0).compile()
     except jax.errors.JaxRuntimeError:  # an unknown option or value
         return False
     return True
 
 
-__all__ = ["IMPLS", "XLA_KERNELS", "XLA_KERNELS_MIN_SIDE", "adaptive_avg_pool", "compiler_options",
-           "conv2d", "local_response_norm", "max_pool", "pool_output_size", "resolve_impl", "xla_kernels"]
+__all__ = ["ELEMENTAL_EMITTERS", "ELEMENTAL_EMITTERS_MIN_SIDE", "IMPLS", "XLA_KERNELS", "XLA_KERNELS_MIN_SIDE",
+           "adaptive_avg_pool", "compiler_options", "conv2d", "local_response_norm", "max_pool", "pool_output_size", "resolve_impl", "xla_kernels"]
