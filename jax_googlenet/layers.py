@@ -99,9 +99,14 @@ class BatchNorm(nn.Module):
         if train:
             y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.dtype)
             if not self.is_initializing():
-                n = x.size // c
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var * (n / max(n - 1, 1))
+                ra_mean.value, ra_var.value = update_running_stats(ra_mean.value, ra_var.value, mean, var,
+                                                                   x.size // c, self.momentum)
             return y
         return batch_norm_apply(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, self.dtype)
 
+
+def update_running_stats(ra_mean, ra_var, mean, var, n: int, momentum: float):
+    """torch's running statistics after a batch of `n` positions with biased variance `var`: each
+    momentum * running + (1 - momentum) * batch, the variance taken unbiased (n / (n - 1))."""
+    return (momentum * ra_mean + (1 - momentum) * mean,
+            momentum * ra_var + (1 - momentum) * var * (n / max(n - 1, 1)))

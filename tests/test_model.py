@@ -233,3 +233,65 @@ def test_a_parameter_of_the_wrong_shape_is_refused_with_flaxs_error(small):
     bad = {**variables, "params": traverse_util.unflatten_dict(flat, sep="/")}
     with pytest.raises(flax.errors.ScopeParamShapeError, match=r"inception3a/branch2_1/conv.*\(3, 3, 96, 127\)"):
         jax.eval_shape(lambda: model.apply(bad, x, train=False))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_inception_block_equals_torchvisions_with_its_1x1_convolutions_merged(train):
+    """On the CPU's kernels an inception block computes its three 1x1 convolutions of x as one product with one
+    batch norm (`Inception._merged_1x1`). Against torchvision's own Inception block in float64, with batch norm's
+    parameters and running statistics drawn at random: outputs, the running statistics after a train forward,
+    and the gradients of x and of every parameter."""
+    from torchvision.models.googlenet import Inception as TorchInception
+
+    from jax_googlenet.model import VARIANTS, Inception
+
+    spec = (64, 96, 128, 16, 32, 32)
+    torch.manual_seed(0)
+    block = TorchInception(192, *spec).double().train(train)
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                for t, (lo, hi) in ((m.weight, (0.5, 1.5)), (m.bias, (-0.5, 0.5)), (m.running_mean, (-1, 1)),
+                                    (m.running_var, (0.5, 2))):
+                    t.uniform_(lo, hi)
+    initial = {name: t.clone() for name, t in block.state_dict().items()}
+    x = torch.randn(2, 192, 8, 8, dtype=torch.float64, requires_grad=True)
+    y = block(x)
+    y.square().sum().backward()
+    names = {"running_mean": "mean", "running_var": "var", "bias": "bias"}
+
+    def flax_path(key):  # "branch2.0.conv.weight" -> ("branch2_0", "conv"), "weight"
+        branch, *path, leaf = key.split(".")
+        return ((f"{branch}_{path.pop(0)}",) if path[0].isdigit() else (branch,)) + tuple(path), leaf
+
+    params, stats, torch_grads = {}, {}, {}
+    for name, t in initial.items():
+        path, leaf = flax_path(name)
+        if leaf == "num_batches_tracked":
+            continue
+        key = (*path, "kernel" if t.ndim == 4 else names.get(leaf, "scale"))
+        value = t.permute(2, 3, 1, 0) if t.ndim == 4 else t
+        (stats if leaf.startswith("running") else params)[key] = value.numpy()
+        if not leaf.startswith("running"):
+            torch_grads[key] = block.get_parameter(name).grad.permute(*((2, 3, 1, 0) if t.ndim == 4 else (0,)))
+    with jax.enable_x64(True):
+        model = Inception(spec, VARIANTS["torchvision"], dtype=jnp.float64, param_dtype=jnp.float64, impl="winograd")
+        variables = {"batch_stats": traverse_util.unflatten_dict(stats)}
+
+        def loss(p, x):
+            out, updated = model.apply({"params": p, **variables}, x, train=train, mutable=["batch_stats"])
+            return jnp.sum(jnp.square(out)), (out, updated)
+
+        (_, (out, updated)), (dp, dx) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+            traverse_util.unflatten_dict(params), jnp.asarray(x.detach().permute(0, 2, 3, 1).numpy()))
+        np.testing.assert_allclose(out, y.detach().permute(0, 2, 3, 1).numpy(), rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(dx, x.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-9, atol=1e-9)
+        dp = traverse_util.flatten_dict(dp)
+        assert dp.keys() == torch_grads.keys()
+        for key, grad in torch_grads.items():
+            np.testing.assert_allclose(dp[key], grad.numpy(), rtol=1e-9, atol=1e-9, err_msg=str(key))
+        after = traverse_util.flatten_dict(updated["batch_stats"])
+        for key, value in block.state_dict().items():
+            path, leaf = flax_path(key)
+            if leaf.startswith("running"):
+                np.testing.assert_allclose(after[(*path, names[leaf])], value.numpy(), rtol=1e-12, atol=1e-12)
