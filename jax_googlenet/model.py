@@ -25,7 +25,7 @@ from jax_googlenet.imagenet import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD
 from jax_googlenet.layers import BatchNorm, Conv, Dtype, dense, update_running_stats
 from jax_googlenet.ops import (adaptive_avg_pool, conv2d, local_response_norm, max_pool, pool_output_size,
                                resolve_impl)
-from jax_googlenet.ops.norm import batch_norm_apply, batch_norm_train
+from jax_googlenet.ops.norm import batch_norm_train
 
 # name, 1x1, 3x3 reduce, 3x3, "5x5" reduce, "5x5", pool proj: the paper's Table 1, shared by every variant.
 INCEPTION_TABLE: tuple[tuple[str, int, int, int, int, int, int], ...] = (
@@ -200,8 +200,8 @@ class Inception(nn.Module):
         conv = lambda f, k, name: BasicConv(f, k, v, padding=k // 2, dtype=self.dtype,  # noqa: E731
                                             param_dtype=self.param_dtype, impl=self.impl, name=name)
         reductions = (("branch1", ch1), ("branch2_0", ch3r), ("branch3_0", ch5r))
-        if self.impl in ("slices", "winograd") and not self.is_initializing():
-            b1, r2, r3 = self._merged_1x1(x, reductions, train)
+        if train and self.impl in ("slices", "winograd") and not self.is_initializing():
+            b1, r2, r3 = self._merged_1x1(x, reductions)
         else:
             b1, r2, r3 = (conv(f, 1, name)(x, train=train) for name, f in reductions)
         b2 = conv(ch3, 3, "branch2_1")(r2, train=train)
@@ -214,12 +214,13 @@ class Inception(nn.Module):
         b4 = conv(pool_proj, 1, "branch4_1")(p, train=train)
         return jnp.concatenate([b1, b2, b3, b4], axis=-1)
 
-    def _merged_1x1(self, x, branches, train: bool):
-        """The BasicConvs `branches` ((name, features), the block's three 1x1 convolutions of x) as one: their
-        kernels side by side in one product, one batch norm (or bias) over its channels, ReLU, split. The same
-        parameters and results as calling each; x is read once and its gradient is one product instead of three
-        summed. The CPU's train step +1.5% at 16/224, +6% at 64/96, +2.3% at 64/32, eval unchanged
-        (benchmarks/NOTES.md, H23). The parameters exist already: this path is not taken at init."""
+    def _merged_1x1(self, x, branches):
+        """In training, the BasicConvs `branches` ((name, features), the block's three 1x1 convolutions of x) as
+        one: their kernels side by side in one product, one batch norm (or bias) over its channels, ReLU, split.
+        The same parameters and results as calling each; x is read once and its gradient is one product instead
+        of three summed. The CPU's train step +1.5% at 16/224, +6% at 64/96, +2.3% at 64/32; the eval forward
+        the same at 224 and 96 and 30% slower at 32, so eval keeps the branches (benchmarks/NOTES.md, H23). The
+        parameters exist already: this path is not taken at init."""
         scopes = [self.scope.push(name) for name, _ in branches]
         convs = [s.push("conv") for s in scopes]
         concat = lambda scopes, col, name: jnp.concatenate([s.get_variable(col, name) for s in scopes])  # noqa: E731
@@ -230,18 +231,14 @@ class Inception(nn.Module):
         else:
             bns = [s.push("bn") for s in scopes]
             scale, bias = concat(bns, "params", "scale"), concat(bns, "params", "bias")
-            if train:
-                y, mean, var = batch_norm_train(y, scale, bias, BatchNorm.epsilon, self.dtype)
-                offsets = np.cumsum([0] + [f for _, f in branches])
-                for bn, lo, hi in zip(bns, offsets[:-1], offsets[1:]):
-                    running = update_running_stats(bn.get_variable("batch_stats", "mean"),
-                                                   bn.get_variable("batch_stats", "var"), mean[lo:hi], var[lo:hi],
-                                                   y.size // y.shape[-1], BatchNorm.momentum)
-                    for name, value in zip(("mean", "var"), running):
-                        bn.put_variable("batch_stats", name, value)
-            else:
-                y = batch_norm_apply(y, concat(bns, "batch_stats", "mean"), concat(bns, "batch_stats", "var"),
-                                     scale, bias, BatchNorm.epsilon, self.dtype)
+            y, mean, var = batch_norm_train(y, scale, bias, BatchNorm.epsilon, self.dtype)
+            offsets = np.cumsum([0] + [f for _, f in branches])
+            for bn, lo, hi in zip(bns, offsets[:-1], offsets[1:]):
+                running = update_running_stats(bn.get_variable("batch_stats", "mean"),
+                                               bn.get_variable("batch_stats", "var"), mean[lo:hi], var[lo:hi],
+                                               y.size // y.shape[-1], BatchNorm.momentum)
+                for name, value in zip(("mean", "var"), running):
+                    bn.put_variable("batch_stats", name, value)
         return jnp.split(nn.relu(y), np.cumsum([f for _, f in branches])[:-1], axis=-1)
 
 

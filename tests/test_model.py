@@ -237,10 +237,10 @@ def test_a_parameter_of_the_wrong_shape_is_refused_with_flaxs_error(small):
 
 @pytest.mark.parametrize("train", [True, False])
 def test_inception_block_equals_torchvisions_with_its_1x1_convolutions_merged(train):
-    """On the CPU's kernels an inception block computes its three 1x1 convolutions of x as one product with one
-    batch norm (`Inception._merged_1x1`). Against torchvision's own Inception block in float64, with batch norm's
-    parameters and running statistics drawn at random: outputs, the running statistics after a train forward,
-    and the gradients of x and of every parameter."""
+    """On the CPU's kernels an inception block in training computes its three 1x1 convolutions of x as one
+    product with one batch norm (`Inception._merged_1x1`), in eval each on its own. Against torchvision's own
+    Inception block in float64, with batch norm's parameters and running statistics drawn at random: outputs,
+    the running statistics after a train forward, and the gradients of x and of every parameter."""
     from torchvision.models.googlenet import Inception as TorchInception
 
     from jax_googlenet.model import VARIANTS, Inception
