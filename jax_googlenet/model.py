@@ -222,8 +222,9 @@ class Inception(nn.Module):
         the same at 224 and 96 and 30% slower at 32, so eval keeps the branches (benchmarks/NOTES.md, H23). The
         parameters exist already: this path is not taken at init."""
         scopes = [self.scope.push(name) for name, _ in branches]
+        offsets = np.cumsum([0] + [f for _, f in branches])  # each branch's first channel of the product
         convs = [s.push("conv") for s in scopes]
-        concat = lambda scopes, col, name: jnp.concatenate([s.get_variable(col, name) for s in scopes])  # noqa: E731
+        concat = lambda group, col, name: jnp.concatenate([s.get_variable(col, name) for s in group])  # noqa: E731
         kernel = jnp.concatenate([c.get_variable("params", "kernel") for c in convs], axis=-1)
         y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), 1, 0, self.impl)
         if not self.variant.batch_norm:
@@ -232,14 +233,13 @@ class Inception(nn.Module):
             bns = [s.push("bn") for s in scopes]
             scale, bias = concat(bns, "params", "scale"), concat(bns, "params", "bias")
             y, mean, var = batch_norm_train(y, scale, bias, BatchNorm.epsilon, self.dtype)
-            offsets = np.cumsum([0] + [f for _, f in branches])
             for bn, lo, hi in zip(bns, offsets[:-1], offsets[1:]):
                 running = update_running_stats(bn.get_variable("batch_stats", "mean"),
                                                bn.get_variable("batch_stats", "var"), mean[lo:hi], var[lo:hi],
                                                y.size // y.shape[-1], BatchNorm.momentum)
                 for name, value in zip(("mean", "var"), running):
                     bn.put_variable("batch_stats", name, value)
-        return jnp.split(nn.relu(y), np.cumsum([f for _, f in branches])[:-1], axis=-1)
+        return jnp.split(nn.relu(y), offsets[1:-1], axis=-1)
 
 
 class InceptionAux(nn.Module):

@@ -100,4 +100,5 @@ def _xla_accepts(options: tuple[tuple[str, object], ...]) -> bool:
 
 
 __all__ = ["ELEMENTAL_EMITTERS", "ELEMENTAL_EMITTERS_MIN_SIDE", "IMPLS", "XLA_KERNELS", "XLA_KERNELS_MIN_SIDE",
-           "adaptive_avg_pool", "compiler_options", "conv2d", "local_response_norm", "max_pool", "pool_output_size", "resolve_impl", "xla_kernels"]
+           "adaptive_avg_pool", "compiler_options", "conv2d", "local_response_norm", "max_pool", "pool_output_size",
+           "resolve_impl", "xla_kernels"]
