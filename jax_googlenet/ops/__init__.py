@@ -59,7 +59,7 @@ ELEMENTAL_EMITTERS_MIN_SIDE = 224
 ELEMENTAL_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
 
 
-def compiler_options(image_side: int, dtype="float32") -> dict[str, str]:
+def compiler_options(image_side: int, dtype="float32") -> dict[str, object]:
     """`jax.jit`'s compiler_options for the network's steps on images `image_side` pixels wide computed in
     `dtype`: on the CPU in float32, XLA_KERNELS from XLA_KERNELS_MIN_SIDE and ELEMENTAL_EMITTERS as well from
     ELEMENTAL_EMITTERS_MIN_SIDE, else none (and none that this jaxlib lacks). `xla_kernels` says which in words."""
@@ -71,7 +71,7 @@ def xla_kernels(image_side: int, dtype="float32") -> str:
     return _choice(image_side, dtype)[1]
 
 
-def _choice(image_side: int, dtype) -> tuple[dict[str, str], str]:
+def _choice(image_side: int, dtype) -> tuple[dict[str, object], str]:
     """(compiler options, their description) for `compiler_options` and `xla_kernels`."""
     if jax.default_backend() != "cpu":
         return {}, f"XLA's default dot and convolution kernels ({jax.default_backend()})"
