@@ -89,7 +89,8 @@ def add_run_flags(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not use the persistent XLA compilation cache (~/.cache/jax_googlenet/xla)")
     p.add_argument("--system-malloc", action="store_true",
-                   help="leave glibc's malloc as it is (default: it keeps freed blocks for the next step)")
+                   help="leave glibc's malloc and JAX's asynchronous CPU dispatch as they are (default: freed "
+                        "blocks are kept for the next step, CPU steps run on the calling thread)")
 
 
 def check_run_flags(args, positive: tuple[str, ...]) -> None:
@@ -324,7 +325,8 @@ class Trained(NamedTuple):
 
 def train_epoch(job: Job, epoch: int, stop: StopFlag) -> Trained:
     """Train steps from the job's step to the end of `epoch`. Each step's metrics are read after the next step
-    is dispatched, so the device runs a step ahead of the host. A non-finite loss raises TrainingError without
+    is dispatched, so an accelerator runs a step ahead of the host (the CPU runs each step on the calling thread,
+    `jax_googlenet.host_memory`, unless --system-malloc). A non-finite loss raises TrainingError without
     saving; a signal before the epoch's last step saves a checkpoint, with the epoch's metrics so far, and exits."""
     batch_size = job.cfg["batch_size"]
     skip = job.step - epoch * job.steps_per_epoch

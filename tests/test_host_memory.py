@@ -1,6 +1,7 @@
 """`jax_googlenet.host_memory.configure`: unless told --system-malloc, glibc then serves a large block from its
-heap rather than from fresh mmap pages and keeps it once freed; either way it returns the line the jobs print.
-Each probe runs in its own process, since the setting is process-wide."""
+heap rather than from fresh mmap pages and keeps it once freed, and a jitted CPU computation's buffers come from
+that heap, call after call; either way it returns the line the jobs print. Each probe runs in its own process,
+since the settings are process-wide."""
 
 import subprocess
 import sys
@@ -28,8 +29,36 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def probe(mode: str) -> str:
-    return subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True).stdout
+# The gradient of three dot + ReLU layers on a 64 MB batch (about 300 MB of temporaries), called twice, then three
+# times more: the page faults of each of the three calls.
+JAX_PROBE = textwrap.dedent("""
+    import resource, sys
+    from jax_googlenet import host_memory
+
+    print(host_memory.configure(system_malloc=sys.argv[1] == "system"))
+    import jax
+    import jax.numpy as jnp
+
+    def loss(w, x):
+        for _ in range(3):
+            x = jax.nn.relu(x @ w)
+        return jnp.sum(x)
+
+    x, w = jnp.ones((1 << 18, 64), jnp.float32), jnp.full((64, 64), 0.01, jnp.float32)
+    step = jax.jit(jax.grad(loss))
+    for _ in range(2):  # the heap grows to the step's peak
+        step(w, x).block_until_ready()
+    faults = []
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        step(w, x).block_until_ready()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(*faults)
+""")
+
+
+def probe(mode: str, code: str = PROBE) -> str:
+    return subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True).stdout
 
 
 def test_a_large_block_comes_from_the_heap_and_stays_there_once_freed():
@@ -39,3 +68,13 @@ def test_a_large_block_comes_from_the_heap_and_stays_there_once_freed():
     assert lines[0].startswith("host memory: freed blocks kept for reuse (glibc mallopt M_MMAP_MAX=0")
     mmapped, kept = lines[-1].split(" heap kept MB ")
     assert mmapped == "mmapped 0" and int(kept) >= 60  # the 64 MB block, less what the heap had free before
+
+
+def test_a_jitted_steps_buffers_are_not_faulted_in_again_on_each_call():
+    pages = (1 << 18) * 64 * 4 // 4096  # one 64 MB activation's pages
+    lines = probe("system", JAX_PROBE).splitlines()
+    assert lines[0] == "host memory: system allocator (--system-malloc)"
+    assert all(int(f) >= pages for f in lines[-1].split())  # JAX's worker thread maps its buffers anew each call
+    lines = probe("keep", JAX_PROBE).splitlines()
+    assert "CPU steps run on the calling thread (jax_cpu_enable_async_dispatch=False)" in lines[0]
+    assert all(int(f) < pages // 16 for f in lines[-1].split())  # the main heap's blocks, reused

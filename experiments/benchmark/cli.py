@@ -78,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-compile-cache", action="store_true",
                    help="turn off JAX's persistent compilation cache and PyTorch Inductor's caches")
     p.add_argument("--system-malloc", action="store_true",
-                   help="leave glibc's malloc as it is (default: both frameworks' freed blocks are kept for reuse)")
+                   help="leave glibc's malloc and JAX's asynchronous CPU dispatch as they are (default: both "
+                        "frameworks' freed blocks are kept for reuse, JAX's CPU steps run on the calling thread)")
     p.add_argument("--compile-cache-dir", default=None, help="default $JAX_GOOGLENET_CACHE_DIR or "
                    "~/.cache/jax_googlenet/xla")
     p.add_argument("--skip-cold-compile", action="store_true",
