@@ -13,7 +13,8 @@ thread, and glibc serves other threads from per-thread arenas: heaps of at most 
 empties whatever the trim threshold, and blocks too large for one (the train step's temporaries are one block)
 mapped and unmapped each time. So the 16/224 train step still faulted in 184,600 pages per step (its 730 MB of
 temporaries). `keep_freed_memory` therefore also turns JAX's asynchronous dispatch off on the CPU, so the steps
-run, and allocate, on the calling thread: ~300 faults per step, the step ~10% faster (benchmarks/NOTES.md, H29).
+run, and allocate, on the calling thread: ~300 faults per step, and 16-32% less time per train step at 16/224, 64/96
+and 64/32 (benchmarks/NOTES.md, H29).
 One arena for all threads (M_ARENA_MAX = 1) stopped the faults as well but made XLA's parallel compile 50%
 slower. The dispatch setting must come before JAX starts its CPU backend: the experiments and the benchmark call
 this at start and print what it did; `--system-malloc` leaves malloc and the dispatch alone.
