@@ -102,7 +102,8 @@ def test_markdown_and_plot_are_written(tiny):
     # one allocator setting for both frameworks, printed, recorded and stated in the report
     assert "host memory: freed blocks kept for reuse" in stdout
     assert tiny[0]["settings"]["host_memory"].startswith("host memory: freed blocks kept")
-    assert "(jax_cpu_enable_async_dispatch=False); --system-malloc leaves both as they are), for both frameworks" in text
+    assert ("(jax_cpu_enable_async_dispatch=False); --system-malloc leaves both as they are), for both frameworks"
+            in text)
     # the dot and convolution kernels XLA was told to use (none at 32 pixels), recorded and stated
     assert tiny[0]["settings"]["xla_compiler_options"] == {"float32": {}}
     assert "JAX float32: XLA:CPU's default dot and convolution kernels (YNNPACK's" in text

@@ -175,7 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both (default: all this process may use)")
     p.add_argument("--only", default=None, help="comma-separated substrings of the layer names to keep")
-    p.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc and JAX's CPU dispatch as they are (as the benchmark)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc's malloc and JAX's CPU dispatch as they are (as the benchmark)")
     p.add_argument("--markdown", type=Path, default=None)
     args = p.parse_args(argv)
     args.host_memory = host_memory.configure(args.system_malloc)
