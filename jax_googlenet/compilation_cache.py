@@ -2,7 +2,8 @@
 
 The cache is on by default for the experiments (`--no-compile-cache` turns it off): a second run of the MNIST
 job or the benchmark loads the compiled train step from disk instead of compiling it again. The directory is
-$JAX_GOOGLENET_CACHE_DIR, else ~/.cache/jax_googlenet/xla.
+$JAX_GOOGLENET_CACHE_DIR, else ~/.cache/jax_googlenet/xla; the directories `enable` creates are its user's alone
+(mode 0700): no other user reads the compiled programs and the paths they hold.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ DEFAULT_DIR = Path.home() / ".cache" / "jax_googlenet" / "xla"
 
 
 def cache_dir() -> Path:
+    """The cache directory: $JAX_GOOGLENET_CACHE_DIR, else ~/.cache/jax_googlenet/xla."""
     return Path(os.environ.get("JAX_GOOGLENET_CACHE_DIR", DEFAULT_DIR))
 
 
 def enable(path: str | os.PathLike | None = None) -> Path:
-    """Turn the persistent cache on for every compilation of this process, whatever its size or time."""
+    """Turn the persistent cache on for every compilation of this process, whatever its size or time; the
+    directories it creates for it have mode 0700. Returns the directory."""
     path = Path(path) if path is not None else cache_dir()
-    path.mkdir(parents=True, exist_ok=True)
+    for missing in reversed([p for p in (path, *path.parents) if not p.exists()]):
+        missing.mkdir(mode=0o700, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -34,6 +38,7 @@ def enable(path: str | os.PathLike | None = None) -> Path:
 
 
 def disable() -> None:
+    """Turn the persistent cache off for the compilations that follow."""
     jax.config.update("jax_compilation_cache_dir", None)
 
 
