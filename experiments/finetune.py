@@ -35,12 +35,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments import loop, progress
-from experiments.loop import UsageError
-from jax_googlenet import distributed, imagenet, images, pipeline, train
+from experiments import cli, loop, plots, progress, rundir, start
+from experiments.cli import UsageError
+from jax_googlenet import data, distributed, imagenet, train
+from jax_googlenet.data import pipeline
 from jax_googlenet.checkpoint import save_model
 from jax_googlenet.model import accepted_sides, googlenet
-from jax_googlenet.ops import resolve_impl, xla_kernels
+from jax_googlenet.ops import compiler_options, resolve_impl, xla_kernels
 
 # The flat config: torchvision's reference recipe (references/classification/train.py) at a fine-tuning
 # learning rate for batch 32; warmup_epochs: linear warmup before the cosine decay; weight_decay: coupled L2.
@@ -57,7 +58,7 @@ FREE = ("data", "data_dir", "bad_images")
 
 
 def parse_args(argv):
-    p = loop.Parser(prog="python -m experiments.finetune", description=__doc__.split("\n\n")[0],
+    p = cli.Parser(prog="python -m experiments.finetune", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--data", default=None, metavar="SPEC",
                    help="folder:DIR (one subfolder per class; DIR/train and DIR/val, or DIR with --val-fraction) "
@@ -106,9 +107,9 @@ def parse_args(argv):
                    "and print top-1 / top-5")
     p.add_argument("--seed", type=int, default=None, help="seed of initialisation, held-out split, data order, "
                    "augmentation and dropout (default 0)")
-    loop.add_run_flags(p, "finetune")
+    cli.add_run_flags(p, "finetune")
     args = p.parse_args(argv)
-    loop.check_run_flags(args, positive=("epochs", "batch_size", "image_size", "resize_size"))
+    cli.check_run_flags(args, positive=("epochs", "batch_size", "image_size", "resize_size"))
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be at least 0, got {args.workers}")
     if args.label_smoothing is not None and not 0 <= args.label_smoothing < 1:
@@ -137,7 +138,7 @@ def make_config(args, stored: dict | None) -> dict:
         if getattr(args, key) is not None:
             given[key] = getattr(args, key)
     if stored is not None:
-        return loop.resume_config(stored, given, args.workdir, free=FREE)
+        return rundir.resume_config(stored, given, args.workdir, free=FREE)
     cfg = {**DEFAULTS, **given}
     if cfg["resize_size"] is None:
         cfg["resize_size"] = round(cfg["image_size"] * 256 / 224)
@@ -170,9 +171,9 @@ def run(args) -> float:
 
 def set_up(args) -> loop.Job:
     """Set up or restore: the config, mesh, data, state and steps of the run in --workdir."""
-    loop.start_process(args.coordinator, args.num_processes, args.process_id,
+    start.start_process(args.coordinator, args.num_processes, args.process_id,
                        compile_cache=not args.no_compile_cache, system_malloc=args.system_malloc)
-    workdir, stored = loop.open_workdir(args.workdir, args.resume)
+    workdir, stored = rundir.open_workdir(args.workdir, args.resume)
     cfg = make_config(args, stored)
     check_sizes(cfg)
     dataset = load_data(cfg)
@@ -184,8 +185,8 @@ def set_up(args) -> loop.Job:
     if len(dataset.train) < cfg["batch_size"]:
         raise UsageError(f"--batch-size {cfg['batch_size']} is larger than the {len(dataset.train)} training "
                          f"images")
-    workdir = workdir or loop.new_workdir("finetune")
-    mesh = loop.make_mesh(args.devices, cfg["batch_size"])
+    workdir = workdir or rundir.new_workdir("finetune")
+    mesh = start.make_mesh(args.devices, cfg["batch_size"])
     steps_per_epoch = pipeline.steps_per_epoch(len(dataset.train), cfg["batch_size"])
 
     init_rng, dropout_rng = jax.random.split(jax.random.key(cfg["seed"]))
@@ -216,12 +217,12 @@ def check_sizes(cfg: dict) -> None:
                          f"the centre crop needs a resize of at least the crop")
 
 
-def load_data(cfg: dict, *, evaluate_only: bool = False) -> images.ImageDataset:
+def load_data(cfg: dict, *, evaluate_only: bool = False) -> data.ImageDataset:
     """The dataset of `cfg["data"]` (printed), its errors as usage errors."""
     try:
-        dataset = images.load(cfg["data"], data_dir=cfg["data_dir"], val_fraction=cfg["val_fraction"],
-                              val_split=cfg["val_split"], seed=cfg["seed"], evaluate_only=evaluate_only)
-    except images.DataError as e:
+        dataset = data.load_images(cfg["data"], data_dir=cfg["data_dir"], val_fraction=cfg["val_fraction"],
+                                   val_split=cfg["val_split"], seed=cfg["seed"], evaluate_only=evaluate_only)
+    except data.DataError as e:
         raise UsageError(str(e)) from None
     print(f"dataset: {dataset.name}", flush=True)
     return dataset
@@ -258,7 +259,7 @@ def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead
     state = train.create_train_state(rng, model, (1, size, size, 3), tx)
     if init is not None:
         # The heads start fresh for the dataset's classes, whatever their number.
-        state = _read_init(init, functools.partial(loop.warm_start, fresh=train.HEADS), init, model, state)
+        state = _read_init(init, functools.partial(start.warm_start, fresh=train.HEADS), init, model, state)
     return state, transform_input
 
 
@@ -273,34 +274,33 @@ def _read_init(init: str, fn, *args):
 
 def make_steps(cfg: dict, dropout_rng, mesh):
     """The jitted train (or linear-probe) and eval steps on uint8 crops, normalised on the device."""
-    kw = dict(preprocess=imagenet.normalize, label_smoothing=cfg["label_smoothing"])
-    if cfg["freeze_backbone"]:
-        train_fn = functools.partial(train.probe_step, **kw)
-    else:
-        train_fn = functools.partial(train.train_step, loss_mode=cfg["loss_mode"], **kw)
-    eval_fn = functools.partial(train.eval_step, preprocess=imagenet.normalize, num_classes=len(cfg["classes"]))
-    return loop.jit_steps(lambda state, batch: train_fn(state, batch, dropout_rng), eval_fn, mesh,
-                          cfg["image_size"], cfg["dtype"])
+    step = (train.probe_step if cfg["freeze_backbone"] else
+            functools.partial(train.train_step, loss_mode=cfg["loss_mode"]))
+    options = compiler_options(cfg["image_size"], cfg["dtype"])
+    return (train.jit_train_step(options, step=step, mesh=mesh, rng=dropout_rng, preprocess=imagenet.normalize,
+                                 label_smoothing=cfg["label_smoothing"]),
+            train.jit_eval_step(options, mesh=mesh, preprocess=imagenet.normalize,
+                                num_classes=len(cfg["classes"])))
 
 
 def make_batches(cfg: dict, dataset, steps_per_epoch: int, num_workers: int):
     """(train_batches(epoch, start), eval_batches()) for the loop: host transforms in grain's workers,
     unreadable images reported once and skipped (or stopping the run)."""
     size, stop = cfg["image_size"], cfg["bad_images"] == "stop"
-    train_checked = images.BadImages(dataset.train, stop=stop)
-    val_checked = images.BadImages(dataset.val, stop=stop)
+    train_checked = data.BadImages(dataset.train, stop=stop)
+    val_checked = data.BadImages(dataset.val, stop=stop)
 
     def stream(start_step):
         return pipeline.train_batches(
             dataset.train, global_batch=cfg["batch_size"], seed=cfg["seed"], start_step=start_step,
             stop_step=steps_per_epoch * cfg["epochs"], workers=num_workers,
-            random_transform=functools.partial(images.train_transform, size=size, scale=(cfg["crop_scale"], 1.0),
+            random_transform=functools.partial(data.train_transform, size=size, scale=(cfg["crop_scale"], 1.0),
                                                hflip=cfg["hflip"]))
 
     def eval_batches():
-        transform = functools.partial(images.eval_transform, size=size, resize_to=cfg["resize_size"])
+        transform = functools.partial(data.eval_transform, size=size, resize_to=cfg["resize_size"])
         return val_checked(pipeline.eval_batches(dataset.val, global_batch=cfg["batch_size"], transform=transform,
-                                                 blank=images.blank(size), workers=num_workers))
+                                                 blank=data.blank(size), workers=num_workers))
 
     return EpochsOfOneStream(stream, steps_per_epoch, train_checked), eval_batches
 
@@ -345,30 +345,9 @@ def write_evaluation(directory: Path, metrics: dict, details: dict, *, classes: 
     record = {"top1": metrics["test_accuracy"], "top5": metrics["test_top5_accuracy"],
               "count": metrics["test_count"], "per_class": per_class_accuracy(confusion, classes),
               "confusion": [[int(x) for x in row] for row in confusion]}
-    loop.write_atomic(directory / "evaluation.json", json.dumps(record).encode())
-    plot_confusion(confusion, classes, directory / "confusion.png",
-                   title=f"top-1 {metrics['test_accuracy']:.4f}, {metrics['test_count']:,} images")
-
-
-def plot_confusion(confusion, classes: list[str], path: Path, *, title: str) -> None:
-    """Each true class's row as fractions of its images (the diagonal is its accuracy), as a PNG; class names
-    on the axes up to 30 classes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    confusion = np.asarray(confusion, float)
-    rows = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
-    side = min(12, 4 + 0.3 * len(classes))
-    fig, ax = plt.subplots(figsize=(side + 1.5, side))
-    shown = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    fig.colorbar(shown, ax=ax, fraction=0.046, label="fraction of the true class")
-    ax.set(xlabel="predicted class", ylabel="true class", title=title)
-    if len(classes) <= 30:
-        ax.set_xticks(range(len(classes)), classes, rotation=90)
-        ax.set_yticks(range(len(classes)), classes)
-    loop.write_png(fig, path)
+    rundir.write_atomic(directory / "evaluation.json", json.dumps(record).encode())
+    plots.confusion(confusion, classes, directory / "confusion.png",
+                    title=f"top-1 {metrics['test_accuracy']:.4f}, {metrics['test_count']:,} images")
 
 
 def save_final_model(job: loop.Job) -> None:
@@ -390,7 +369,7 @@ def save_final_model(job: loop.Job) -> None:
 def evaluate_only(args) -> dict:
     """Top-1 / top-5 (and per-class accuracy) of --evaluate's weights on --data's held-out images; with
     --workdir also evaluation.json and confusion.png there."""
-    loop.start_process(args.coordinator, args.num_processes, args.process_id,
+    start.start_process(args.coordinator, args.num_processes, args.process_id,
                        compile_cache=not args.no_compile_cache, system_malloc=args.system_malloc)
     cfg = make_config(args, None)
     check_sizes(cfg)
@@ -407,11 +386,11 @@ def evaluate_only(args) -> dict:
     if model.num_classes != len(dataset.classes):
         raise UsageError(f"--evaluate {args.evaluate}: a {model.num_classes}-class model, but --data {cfg['data']} "
                          f"has {len(dataset.classes)} classes")
-    mesh = loop.make_mesh(args.devices, cfg["batch_size"])
+    mesh = start.make_mesh(args.devices, cfg["batch_size"])
     state = train.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=train.make_optimizer(0.0),
                                     batch_stats=variables.get("batch_stats", {}))
-    eval_fn = functools.partial(train.eval_step, preprocess=imagenet.normalize, num_classes=model.num_classes)
-    eval_step = loop.jit_eval_step(eval_fn, mesh, cfg["image_size"], cfg["dtype"])
+    eval_step = train.jit_eval_step(compiler_options(cfg["image_size"], cfg["dtype"]), mesh=mesh,
+                                    preprocess=imagenet.normalize, num_classes=model.num_classes)
     _, eval_batches = make_batches(cfg, dataset, 0, workers(args))
     print(f"transform: Resize({cfg['resize_size']}) + CenterCrop({cfg['image_size']}) (torchvision's, on the "
           f"host); {xla_kernels(cfg['image_size'], cfg['dtype'])}", flush=True)
@@ -434,8 +413,8 @@ def counted(batches, shown):
 
 
 def main(argv=None) -> int:
-    # images.DataError: an unreadable image with --bad-images stop
-    return loop.run_cli(lambda: work(parse_args(argv)), bad_input=(images.DataError,))
+    # data.DataError: an unreadable image with --bad-images stop
+    return cli.run_cli(lambda: work(parse_args(argv)), bad_input=(data.DataError,))
 
 
 def work(args) -> str:

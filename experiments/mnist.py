@@ -22,11 +22,11 @@ from pathlib import Path
 
 import jax
 
-from experiments import loop
-from experiments.loop import UsageError
+from experiments import cli, loop, rundir, start
+from experiments.cli import UsageError
 from jax_googlenet import data, distributed, train
 from jax_googlenet.model import RENAMED, accepted_sides, googlenet
-from jax_googlenet.ops import resolve_impl, xla_kernels
+from jax_googlenet.ops import compiler_options, resolve_impl, xla_kernels
 
 # Flat configs. max_shift: random translation of the 28x28 digits by up to that many pixels (on the device);
 # warmup_epochs: linear warmup before the cosine decay; weight_decay: coupled L2, as torch's SGD.
@@ -57,7 +57,7 @@ def current_name(kind: str):
 
 
 def parse_args(argv):
-    p = loop.Parser(prog="python -m experiments.mnist", description=__doc__.split("\n\n")[0],
+    p = cli.Parser(prog="python -m experiments.mnist", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--data", default=None, help="where MNIST comes from: auto (default: tfds if prepared in "
@@ -81,9 +81,9 @@ def parse_args(argv):
                    help="warm-start from torchvision GoogLeNet weights (a state_dict .pth), as the write-up does")
     p.add_argument("--seed", type=int, default=None, help="seed of initialisation, data order, dropout and "
                    "augmentation (default 0)")
-    loop.add_run_flags(p, "mnist-<preset>")
+    cli.add_run_flags(p, "mnist-<preset>")
     args = p.parse_args(argv)
-    loop.check_run_flags(args, positive=("epochs", "batch_size", "image_size"))
+    cli.check_run_flags(args, positive=("epochs", "batch_size", "image_size"))
     if args.init is not None and not Path(args.init).is_file():
         raise UsageError(f"--init {args.init}: no such file")
     return args
@@ -107,7 +107,7 @@ def make_config(args, stored: dict | None) -> dict:
     if args.preset is not None:
         given["preset"] = args.preset
     if stored is not None:
-        return loop.resume_config(current_names(stored, args.workdir), given, args.workdir,
+        return rundir.resume_config(current_names(stored, args.workdir), given, args.workdir,
                                   free=("data", "data_dir"))
     preset = given.get("preset") or default_preset()
     print(f"preset: {preset} ({'--preset' if args.preset else 'the default on this JAX backend'})", flush=True)
@@ -133,15 +133,15 @@ def run(args) -> float:
 def set_up(args) -> loop.Job:
     """Set up or restore: the config, mesh, data, state and steps of the run in --workdir, its state restored from
     the latest checkpoint on --resume."""
-    loop.start_process(args.coordinator, args.num_processes, args.process_id,
+    start.start_process(args.coordinator, args.num_processes, args.process_id,
                        compile_cache=not args.no_compile_cache, system_malloc=args.system_malloc)
-    workdir, stored = loop.open_workdir(args.workdir, args.resume)
+    workdir, stored = rundir.open_workdir(args.workdir, args.resume)
     cfg = make_config(args, stored)
-    workdir = workdir or loop.new_workdir(f"mnist-{cfg['preset']}")
+    workdir = workdir or rundir.new_workdir(f"mnist-{cfg['preset']}")
     check_image_size(cfg)
-    mesh = loop.make_mesh(args.devices, cfg["batch_size"])
+    mesh = start.make_mesh(args.devices, cfg["batch_size"])
 
-    dataset = data.load(cfg["data"], cfg["data_dir"])
+    dataset = data.load_mnist(cfg["data"], cfg["data_dir"])
     print(f"dataset: {dataset.name}", flush=True)
     batch_size = cfg["batch_size"]
     steps_per_epoch = data.steps_per_epoch(len(dataset.train), batch_size)
@@ -177,7 +177,7 @@ def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead
                               warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch))
     size = cfg["image_size"]
     state = train.create_train_state(rng, model, (1, size, size, cfg["in_channels"]), tx)
-    return loop.warm_start(init, model, state) if init else state
+    return start.warm_start(init, model, state) if init else state
 
 
 def make_steps(cfg: dict, dropout_rng, shift_rng, mesh):
@@ -192,8 +192,9 @@ def make_steps(cfg: dict, dropout_rng, shift_rng, mesh):
             batch = {**batch, "image": data.random_shift(batch["image"], shift_key, max_shift)}
         return train.train_step(state, batch, dropout_rng, loss_mode=cfg["loss_mode"], preprocess=preprocess)
 
-    return loop.jit_steps(train_fn, lambda state, batch: train.eval_step(state, batch, preprocess=preprocess),
-                          mesh, cfg["image_size"], cfg["dtype"])
+    options = compiler_options(cfg["image_size"], cfg["dtype"])
+    return (train.jit_train_step(options, step=train_fn, mesh=mesh),
+            train.jit_eval_step(options, mesh=mesh, preprocess=preprocess))
 
 
 def check_image_size(cfg: dict) -> None:
@@ -206,7 +207,7 @@ def check_image_size(cfg: dict) -> None:
 
 
 def main(argv=None) -> int:
-    return loop.run_cli(lambda: f"test_accuracy={run(parse_args(argv)):.4f}", bad_input=(data.DataError,))
+    return cli.run_cli(lambda: f"test_accuracy={run(parse_args(argv)):.4f}", bad_input=(data.DataError,))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Training library: train state, optimizer, losses, and the train and eval steps (plain functions).
 
-The steps are plain functions; jit them where they are used (`jit_train_step`, `jit_eval_step` donate the
-state's buffers and keep the sharding given by `jax_googlenet.distributed`). For transfer learning the optimizer
+The steps are plain functions; jit them where they are used (`jit_train_step` and `jit_eval_step`, which the
+jobs and the benchmark share: XLA's compile options, the train state donated, outputs replicated over a
+`jax_googlenet.distributed` mesh). For transfer learning the optimizer
 gives the classifier heads and the backbone their own learning rates, or freezes the backbone, and `probe_step`
 trains the classifier alone on the backbone's inference-mode features (a linear probe).
 """
@@ -18,6 +19,7 @@ import optax
 from flax import traverse_util
 from flax.training import train_state
 
+from jax_googlenet import distributed
 from jax_googlenet.model import RENAMED, GoogLeNetOutputs
 
 AUX_WEIGHT = 0.3  # the paper's weight of each auxiliary loss
@@ -191,12 +193,22 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
     return {**sums, "correct_top5": jnp.sum(in_top5 * mask), "confusion": confusion}
 
 
-def jit_train_step(compiler_options: dict | None = None, **kwargs) -> Callable:
-    """`train_step` with its options bound, jitted with XLA's `compiler_options` (`ops.compiler_options` for the
-    image size), the incoming state's buffers donated."""
-    return jax.jit(functools.partial(train_step, **kwargs), donate_argnums=0, compiler_options=compiler_options)
+def jit_train_step(compiler_options: dict | None = None, *, step: Callable = train_step, mesh=None,
+                   **kwargs) -> Callable:
+    """`step` (default `train_step`) with `kwargs` bound, jitted with XLA's `compiler_options`
+    (`ops.compiler_options` for the image size), the incoming state's buffers donated, the outputs replicated
+    over `mesh` when given."""
+    return _jit(functools.partial(step, **kwargs), compiler_options, mesh, donate_argnums=0)
 
 
-def jit_eval_step(compiler_options: dict | None = None, **kwargs) -> Callable:
-    """`eval_step` with its options bound, jitted with XLA's `compiler_options`."""
-    return jax.jit(functools.partial(eval_step, **kwargs), compiler_options=compiler_options)
+def jit_eval_step(compiler_options: dict | None = None, *, step: Callable = eval_step, mesh=None,
+                  **kwargs) -> Callable:
+    """`step` (default `eval_step`) with `kwargs` bound, jitted with XLA's `compiler_options`, the outputs
+    replicated over `mesh` when given."""
+    return _jit(functools.partial(step, **kwargs), compiler_options, mesh)
+
+
+def _jit(fn: Callable, compiler_options: dict | None, mesh, **jit_kwargs) -> Callable:
+    if mesh is not None:
+        jit_kwargs["out_shardings"] = distributed.replicated(mesh)
+    return jax.jit(fn, compiler_options=compiler_options, **jit_kwargs)

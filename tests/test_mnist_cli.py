@@ -17,7 +17,7 @@ import job_runs
 import numpy as np
 import pytest
 
-from experiments import loop, mnist
+from experiments import mnist, rundir
 from jax_googlenet import data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def test_resume_reads_a_run_written_before_the_rename_to_writeup(env, capsys):
     state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract).replace(step=np.int32(6))
     record = {"epoch": 1, "step": 6, "train_loss": 2.3, "train_accuracy": 0.1, "test_loss": 2.3,
               "test_accuracy": 0.1, "test_count": 20, "epoch_seconds": 9.0, "images_per_second": 5.3}
-    checkpoints = loop.Checkpoints(workdir)  # the job's own layout: state and metrics history
+    checkpoints = rundir.Checkpoints(workdir)  # the job's own layout: state and metrics history
     checkpoints.save(6, state, [record])
     checkpoints.close()
     old = {**cfg, "preset": "seed", "variant": "seed", "loss_mode": "seed"}
@@ -223,7 +223,7 @@ def started(env, tmp_path, capsys):
     """A run directory as the job leaves it before its first checkpoint: config.json alone (what --resume and a
     new run's check read), without the minutes of a real run."""
     args = mnist.parse_args(["--data", env["data"], "--workdir", str(tmp_path), *TINY])
-    loop.write_atomic(tmp_path / "config.json", json.dumps(mnist.make_config(args, None), indent=1).encode())
+    rundir.write_atomic(tmp_path / "config.json", json.dumps(mnist.make_config(args, None), indent=1).encode())
     capsys.readouterr()  # make_config's preset line
     return tmp_path
 
@@ -254,6 +254,7 @@ def test_nan_loss_stops_with_one_line_and_saves_nothing_bad(env, capsys):
     assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_batch_size_must_divide_over_the_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "experiments.mnist", "--data", "sample", "--batch-size", "7", "--devices", "2"]
@@ -266,8 +267,9 @@ def test_batch_size_must_divide_over_the_devices():
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit, match="^0$"):  # the exit status
         mnist.main(["--help"])
-    out = capsys.readouterr().out
-    for flag in ("--data", "--data-dir", "--variant", "--preset", "--epochs", "--batch-size", "--lr",
-                 "--momentum", "--image-size", "--workdir", "--resume", "--init", "--seed", "--devices", "--dtype",
-                 "--no-compile-cache"):
-        assert flag in out
+    explained = job_runs.explained_flags(capsys.readouterr().out)
+    assert sorted(explained) == sorted([
+        "--help", "--data", "--data-dir", "--preset", "--variant", "--epochs", "--batch-size", "--lr", "--momentum",
+        "--image-size", "--init", "--seed", "--workdir", "--resume", "--devices", "--coordinator",
+        "--num-processes", "--process-id", "--dtype", "--no-compile-cache", "--system-malloc"])
+    assert [flag for flag, text in explained.items() if not text] == []

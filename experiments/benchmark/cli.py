@@ -15,22 +15,17 @@ from typing import Any, Callable
 
 import jax
 
-from experiments.benchmark.machine import (UsageError, configure_threads, cpu_peak, gpu_peak, machine_record,
+from experiments.benchmark.machine import (configure_threads, cpu_peak, gpu_peak, machine_record,
                                           xla_cpu_pool_threads)
 from experiments.benchmark.memory import device_memory_mb
 from experiments.benchmark.reports import cell_line, write_outputs
 from experiments.benchmark.runners import (DTYPES, FRAMEWORKS, TORCH_VARIANTS, WORKLOADS, CacheEvents, JaxRunner,
                                           TorchRunner, torch_compile_caches)
 from experiments.benchmark.timing import spread, steps_per_window, time_window
+from experiments.cli import Parser, UsageError
 from jax_googlenet import compilation_cache, host_memory, ops
 
 DESCRIPTION = "XLA performance benchmark: the project's jitted GoogLeNet against torchvision's googlenet in PyTorch."
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        """One line, no usage block: the message says what to change."""
-        self.exit(2, f"error: {message}\n")
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -230,8 +225,8 @@ def run(args) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         result = run(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

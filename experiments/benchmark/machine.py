@@ -1,7 +1,7 @@
 """The machine a run measures and the peaks its MFU is stated against: the CPU thread count both frameworks
 get (set before JAX's backend starts), the CPU's model, vector units and clock, a CPU peak from those, a GPU peak
 from data-sheet figures, the count of XLA:CPU's pool threads, and the record of versions and device that goes
-into the JSON. `UsageError` is the bad-input error the CLI prints as one line with exit status 2.
+into the JSON. Bad input raises the jobs' `experiments.cli.UsageError`: one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from experiments.cli import UsageError
+
 # Dense peak TFLOP/s per card: (float32 as the frameworks run it by default, i.e. TF32 tensor cores where both
 # frameworks use them for convolutions, bfloat16). Vendor data sheets, without sparsity.
 GPU_PEAK_TFLOPS = {
@@ -25,10 +27,6 @@ GPU_PEAK_TFLOPS = {
     "A100": (156.0, 312.0),
     "L4": (60.0, 121.0),
 }
-
-
-class UsageError(Exception):
-    """Bad input found after parsing: printed as one line, exit status 2."""
 
 
 def configure_threads(threads: int | None) -> int:
