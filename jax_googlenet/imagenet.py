@@ -2,7 +2,7 @@
 
 `preprocess` equals `GoogLeNet_Weights.IMAGENET1K_V1.transforms()` (resize the shorter side to 256, bilinear with
 antialias; center crop 224; scale to [0, 1]; normalise with the ImageNet mean and std), but returns HWC.
-`normalize` is its last step alone, on the device, for uint8 crops made on the host (`jax_googlenet.images`).
+`normalize` is its last step alone, on the device, for uint8 crops made on the host (`jax_googlenet.data.transforms`).
 """
 
 from __future__ import annotations

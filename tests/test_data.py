@@ -1,7 +1,7 @@
-"""MNIST sources and input pipelines (jax_googlenet.data): each source on files the tests write, the shipped
-sample's provenance, each corrupted-IDX error, and the batching that resume and evaluation rely on. Whether
-TensorFlow is installed and whether the network answers are set by each test that depends on them, so the
-file passes the same with and without TensorFlow, online or not."""
+"""MNIST sources and input pipelines (jax_googlenet.data's `load_mnist` and MNIST batches): each source on files
+the tests write, the shipped sample's provenance, each corrupted-IDX error, and the batching that resume and
+evaluation rely on. Whether TensorFlow is installed and whether the network answers are set by each test that
+depends on them, so the file passes the same with and without TensorFlow, online or not."""
 
 import gzip
 import http.server
@@ -18,6 +18,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jax_googlenet import data
+from jax_googlenet.data import mnist_tfds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +70,7 @@ def test_sample_holds_out_100_real_digits_per_class_never_trained_on():
 @pytest.mark.parametrize("gz", [False, True])
 def test_idx_reads_the_four_files_gzipped_or_not(tmp_path, gz):
     arrays = write_mnist_idx(tmp_path, gz=gz)
-    ds = data.load("idx:" + str(tmp_path))
+    ds = data.load_mnist("idx:" + str(tmp_path))
     for split in ("train", "test"):
         x, y = as_arrays(getattr(ds, split))
         np.testing.assert_array_equal(x[..., 0], arrays[split][0])
@@ -123,7 +124,7 @@ def test_idx_images_of_the_wrong_size(tmp_path):
 
 def test_idx_missing_dir_and_missing_file(tmp_path):
     with pytest.raises(data.DataError, match="no such directory"):
-        data.load(f"idx:{tmp_path / 'nope'}")
+        data.load_mnist(f"idx:{tmp_path / 'nope'}")
     write_mnist_idx(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(data.DataError, match="missing t10k-labels-idx1-ubyte"):
@@ -164,45 +165,45 @@ def without_tensorflow(monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setattr(sys, "meta_path", [FindAllButTensorFlow(f) if hasattr(f, "find_spec") else f
                                            for f in sys.meta_path])
-    assert not data.tensorflow_installed()
+    assert not mnist_tfds.tensorflow_installed()
 
 
 @pytest.fixture
 def online_with_tensorflow(monkeypatch):
     """TensorFlow installed, the network answering, MNIST not prepared, and TFDS's download and preparation
-    stood in for by the shipped sample: `data.open_tfds`'s `download` arguments, call by call."""
-    monkeypatch.setattr(data, "tensorflow_installed", lambda: True)
-    monkeypatch.setattr(data, "network_answers", lambda: True)
+    stood in for by the shipped sample: `mnist_tfds.open_tfds`'s `download` arguments, call by call."""
+    monkeypatch.setattr(mnist_tfds, "tensorflow_installed", lambda: True)
+    monkeypatch.setattr(mnist_tfds, "network_answers", lambda: True)
     sample, calls = data.load_sample(), []
 
     def open_tfds(data_dir, download=False):
         calls.append(download)
         return [sample.train, sample.test] if download else None
 
-    monkeypatch.setattr(data, "open_tfds", open_tfds)
+    monkeypatch.setattr(mnist_tfds, "open_tfds", open_tfds)
     return calls
 
 
 def test_tfds_reads_through_data_source_without_tensorflow(tmp_path, without_tensorflow):
     # mock_data serves generated examples through the real tfds.data_source code path, TensorFlow out of reach.
     with tfds.testing.mock_data(num_examples=9, policy=tfds.testing.MockPolicy.USE_CODE):
-        ds = data.load("tfds", str(tmp_path))
+        ds = data.load_mnist("tfds", str(tmp_path))
         x, y = as_arrays(ds.train)
     assert x.shape == (9, 28, 28, 1) and x.dtype == np.uint8 and len(ds.test) == 9
     assert set(y) <= set(range(10))
 
 
 def test_auto_takes_tfds_when_prepared(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(data, "network_answers", lambda: pytest.fail("a prepared MNIST needs no network"))
+    monkeypatch.setattr(mnist_tfds, "network_answers", lambda: pytest.fail("a prepared MNIST needs no network"))
     with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
-        ds = data.load("auto", str(tmp_path))
+        ds = data.load_mnist("auto", str(tmp_path))
     assert ds.name.startswith("tfds") and "prepared" in capsys.readouterr().out
 
 
 def test_auto_falls_back_to_the_sample_offline_at_once(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(data, "tensorflow_installed", lambda: True)
-    monkeypatch.setattr(data, "network_answers", lambda: False)
-    ds = data.load("auto", str(tmp_path))
+    monkeypatch.setattr(mnist_tfds, "tensorflow_installed", lambda: True)
+    monkeypatch.setattr(mnist_tfds, "network_answers", lambda: False)
+    ds = data.load_mnist("auto", str(tmp_path))
     out = capsys.readouterr().out
     assert ds.name.startswith("sample") and "does not answer within 2 s" in out
 
@@ -210,36 +211,36 @@ def test_auto_falls_back_to_the_sample_offline_at_once(tmp_path, capsys, monkeyp
 @pytest.mark.parametrize("online", [True, False])
 def test_auto_takes_the_sample_when_tensorflow_could_not_prepare_mnist(tmp_path, capsys, monkeypatch,
                                                                       without_tensorflow, online):
-    monkeypatch.setattr(data, "network_answers", lambda: online)
-    ds = data.load("auto", str(tmp_path))
+    monkeypatch.setattr(mnist_tfds, "network_answers", lambda: online)
+    ds = data.load_mnist("auto", str(tmp_path))
     assert ds.name.startswith("sample") and "needs TensorFlow, which is not installed" in capsys.readouterr().out
 
 
 def test_auto_downloads_mnist_when_tensorflow_is_installed_and_the_network_answers(tmp_path, capsys,
                                                                                     online_with_tensorflow):
-    ds = data.load("auto", str(tmp_path))
+    ds = data.load_mnist("auto", str(tmp_path))
     out = capsys.readouterr().out
     assert "answers: downloading it" in out and "downloading and preparing MNIST" in out
     assert online_with_tensorflow == [False, True] and ds.name == "tfds mnist (4,000 train / 1,000 test)"
 
 
 def test_tfds_offline_and_unprepared_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "network_answers", lambda: False)
+    monkeypatch.setattr(mnist_tfds, "network_answers", lambda: False)
     with pytest.raises(data.DataError, match="not prepared .* does not answer; use --data sample"):
-        data.load("tfds", str(tmp_path))
+        data.load_mnist("tfds", str(tmp_path))
     for spec in ("tfds", "auto"):
         with pytest.raises(data.DataError, match="--data-dir .*nope: no such directory"):
-            data.load(spec, str(tmp_path / "nope"))
+            data.load_mnist(spec, str(tmp_path / "nope"))
 
 
 def test_tfds_online_without_tensorflow_says_what_to_install(tmp_path, monkeypatch, without_tensorflow):
-    monkeypatch.setattr(data, "network_answers", lambda: True)
+    monkeypatch.setattr(mnist_tfds, "network_answers", lambda: True)
     with pytest.raises(data.DataError, match="needs TensorFlow: pip install tensorflow-cpu"):
-        data.load("tfds", str(tmp_path))
+        data.load_mnist("tfds", str(tmp_path))
 
 
 def test_tfds_online_with_tensorflow_downloads_and_prepares(tmp_path, capsys, online_with_tensorflow):
-    assert data.load("tfds", str(tmp_path)).name.startswith("tfds mnist")
+    assert data.load_mnist("tfds", str(tmp_path)).name.startswith("tfds mnist")
     assert online_with_tensorflow == [False, True] and "downloading and preparing MNIST" in capsys.readouterr().out
 
 
@@ -251,7 +252,7 @@ def test_network_answers_means_any_http_answer_and_nothing_listening_is_no_answe
     server = http.server.HTTPServer(("127.0.0.1", 0), Answers501)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        assert data.network_answers(f"http://127.0.0.1:{server.server_port}/", timeout=5)
+        assert mnist_tfds.network_answers(f"http://127.0.0.1:{server.server_port}/", timeout=5)
     finally:
         server.shutdown()
         server.server_close()
@@ -259,12 +260,12 @@ def test_network_answers_means_any_http_answer_and_nothing_listening_is_no_answe
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()  # nothing listens there now: refused at once
-    assert not data.network_answers(f"http://127.0.0.1:{port}/", timeout=5)
+    assert not mnist_tfds.network_answers(f"http://127.0.0.1:{port}/", timeout=5)
 
 
 def test_unknown_source_names_the_choices():
     with pytest.raises(data.DataError, match="choose one of auto, tfds, sample, idx:DIR"):
-        data.load("mnist.npz")
+        data.load_mnist("mnist.npz")
 
 
 # ----------------------------------------------------------------------------------------------- pipelines

@@ -1,5 +1,6 @@
-"""Image-folder and TFDS sources and the host transforms (jax_googlenet.images) against torchvision's own
-ImageFolder, transforms and RandomResizedCrop.get_params; the grain pipelines over them (jax_googlenet.pipeline)."""
+"""Image-folder and TFDS sources (jax_googlenet.data.folder, .tfds_images) and the host transforms
+(jax_googlenet.data.transforms) against torchvision's own ImageFolder, transforms and RandomResizedCrop.get_params;
+the grain pipelines over them (jax_googlenet.data.pipeline)."""
 
 import math
 from unittest import mock
@@ -14,7 +15,8 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as F
 from PIL import Image
 
-from jax_googlenet import images, pipeline
+from jax_googlenet import data
+from jax_googlenet.data import folder, pipeline, transforms
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "rocket")  # camera is grey
 
@@ -41,7 +43,7 @@ def write_folder(root, classes, per_class=3, side=20):
 def test_eval_transform_is_torchvisions_resize_and_center_crop_bit_for_bit(name, resize_to, size):
     image = photo(name)
     ref = np.asarray(T.Compose([T.Resize(resize_to), T.CenterCrop(size)])(image))
-    ours = images.eval_transform({"image": image, "label": 0, "index": 0}, size=size, resize_to=resize_to)
+    ours = transforms.eval_transform({"image": image, "label": 0, "index": 0}, size=size, resize_to=resize_to)
     assert ours["image"].dtype == np.uint8 and ours["image"].shape == (size, size, 3)
     np.testing.assert_array_equal(ours["image"], ref)
 
@@ -51,12 +53,12 @@ def test_random_resized_crop_of_a_box_is_torchvisions_resized_crop_bit_for_bit(n
     image = photo(name)
     rng = np.random.default_rng(0)
     for _ in range(5):
-        top, left, h, w = images.random_resized_crop_box(image.height, image.width, rng)
+        top, left, h, w = transforms.random_resized_crop_box(image.height, image.width, rng)
         ref = np.asarray(F.resized_crop(image, top, left, h, w, [224, 224], T.InterpolationMode.BILINEAR))
         box = iter([top, left, h, w])
-        with mock.patch.object(images, "random_resized_crop_box", lambda *a: (next(box), next(box), next(box),
+        with mock.patch.object(transforms, "random_resized_crop_box", lambda *a: (next(box), next(box), next(box),
                                                                                next(box))):
-            ours = np.asarray(images.random_resized_crop(image, 224, rng))
+            ours = np.asarray(transforms.random_resized_crop(image, 224, rng))
         np.testing.assert_array_equal(ours, ref)
 
 
@@ -65,8 +67,8 @@ def test_train_transform_flips_half_the_time_as_torchvisions_hflip():
     record = {"image": image, "label": 3, "index": 0}
     flips = 0
     for seed in range(40):
-        out = images.train_transform(record, np.random.default_rng(seed), size=64)["image"]
-        unflipped = np.asarray(images.random_resized_crop(image, 64, np.random.default_rng(seed)))
+        out = transforms.train_transform(record, np.random.default_rng(seed), size=64)["image"]
+        unflipped = np.asarray(transforms.random_resized_crop(image, 64, np.random.default_rng(seed)))
         if not np.array_equal(out, unflipped):
             np.testing.assert_array_equal(out, np.asarray(F.hflip(Image.fromarray(unflipped))))
             flips += 1
@@ -109,9 +111,9 @@ def test_random_resized_crop_box_follows_torchvisions_get_params_draw_for_draw(h
     rng = np.random.default_rng(1)
     fallbacks = 0
     for _ in range(100):
-        units = rng.random(2 * images.ATTEMPTS + 2)
+        units = rng.random(2 * transforms.ATTEMPTS + 2)
         replay = Replay(units)
-        assert images.random_resized_crop_box(height, width, replay) == torchvision_box(height, width, units)
+        assert transforms.random_resized_crop_box(height, width, replay) == torchvision_box(height, width, units)
         fallbacks += len(replay.units) == 2
     assert (fallbacks > 10) if thin else (fallbacks < 2)
 
@@ -122,7 +124,7 @@ def test_random_resized_crop_boxes_have_torchvisions_statistics(height, width):
     ratio, share of whole-height boxes and top offset agree within 5 standard errors."""
     n = 2000
     rng = np.random.default_rng(0)
-    ours = np.array([images.random_resized_crop_box(height, width, rng) for _ in range(n)], float)
+    ours = np.array([transforms.random_resized_crop_box(height, width, rng) for _ in range(n)], float)
     torch.manual_seed(0)
     image = torch.zeros(3, height, width)
     ref = np.array([T.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)], float)
@@ -141,7 +143,7 @@ def test_folder_listing_is_torchvisions_imagefolder(tmp_path):
     (root / "cat" / "nested").mkdir()
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "cat" / "nested" / "grey.JPG", format="JPEG")
     (root / "dog" / "notes.txt").write_text("not an image")
-    classes, paths, labels = images.list_folder(root)
+    classes, paths, labels = folder.list_folder(root)
     ref = torchvision.datasets.ImageFolder(root)
     assert classes == ref.classes == ["ant", "cat", "dog"]
     assert list(zip(paths, labels)) == ref.samples
@@ -150,7 +152,7 @@ def test_folder_listing_is_torchvisions_imagefolder(tmp_path):
 def test_folder_with_train_and_val_labels_val_by_the_training_classes(tmp_path):
     write_folder(tmp_path / "train", ["a", "b", "c"])
     write_folder(tmp_path / "val", ["a", "c"], per_class=2)
-    ds = images.load(f"folder:{tmp_path}")
+    ds = data.load_images(f"folder:{tmp_path}")
     assert ds.classes == ["a", "b", "c"] and len(ds.train) == 9 and len(ds.val) == 4
     assert sorted({int(ds.val[i]["label"]) for i in range(4)}) == [0, 2]
     record = ds.val[0]
@@ -159,22 +161,22 @@ def test_folder_with_train_and_val_labels_val_by_the_training_classes(tmp_path):
 
 def test_held_out_fraction_is_seeded_disjoint_and_printed(tmp_path, capsys):
     root = write_folder(tmp_path / "data", ["a", "b"], per_class=10)
-    ds = images.load(f"folder:{root}", seed=3)
+    ds = data.load_images(f"folder:{root}", seed=3)
     assert "holding out 0.1 of it (--val-fraction 0.1, --seed 3)" in capsys.readouterr().out
     train = {ds.train.describe(i) for i in range(len(ds.train))}
     val = {ds.val.describe(i) for i in range(len(ds.val))}
     assert len(val) == 2 and len(train) == 18 and not train & val
-    again = images.load(f"folder:{root}", seed=3, val_fraction=0.1)
+    again = data.load_images(f"folder:{root}", seed=3, val_fraction=0.1)
     assert {again.val.describe(i) for i in range(len(again.val))} == val
-    other = images.load(f"folder:{root}", seed=4, val_fraction=0.5)
+    other = data.load_images(f"folder:{root}", seed=4, val_fraction=0.5)
     assert len(other.val) == 10 and other.val[0]["index"] == 0
 
 
 def test_evaluation_only_reads_the_val_folder_or_the_folder_itself(tmp_path):
     root = write_folder(tmp_path / "imagenet" / "val", ["n01440764", "n01443537"])
-    ds = images.load(f"folder:{tmp_path / 'imagenet'}", evaluate_only=True)
+    ds = data.load_images(f"folder:{tmp_path / 'imagenet'}", evaluate_only=True)
     assert ds.train is None and len(ds.val) == 6 and ds.classes == ["n01440764", "n01443537"]
-    assert len(images.load(f"folder:{root}", evaluate_only=True).val) == 6
+    assert len(data.load_images(f"folder:{root}", evaluate_only=True).val) == 6
 
 
 @pytest.mark.parametrize("make, message", [
@@ -188,16 +190,16 @@ def test_evaluation_only_reads_the_val_folder_or_the_folder_itself(tmp_path):
 def test_bad_folders_are_one_line_errors(tmp_path, make, message):
     root = tmp_path / "data"
     make(root)
-    with pytest.raises(images.DataError, match=message):
-        images.load(f"folder:{root}")
+    with pytest.raises(data.DataError, match=message):
+        data.load_images(f"folder:{root}")
 
 
 def test_unknown_source_and_bad_fraction_name_what_to_do(tmp_path):
-    with pytest.raises(images.DataError, match="choose one of folder:DIR, tfds:NAME"):
-        images.load(str(tmp_path))
+    with pytest.raises(data.DataError, match="choose one of folder:DIR, tfds:NAME"):
+        data.load_images(str(tmp_path))
     write_folder(tmp_path / "d", ["a", "b"])
-    with pytest.raises(images.DataError, match="holds out 0; choose a fraction"):
-        images.load(f"folder:{tmp_path / 'd'}", val_fraction=0.01)
+    with pytest.raises(data.DataError, match="holds out 0; choose a fraction"):
+        data.load_images(f"folder:{tmp_path / 'd'}", val_fraction=0.01)
 
 
 # ----------------------------------------------------------------------------------------------- tfds
@@ -205,8 +207,8 @@ def test_unknown_source_and_bad_fraction_name_what_to_do(tmp_path):
 
 def test_tfds_mock_rgb_and_grey_datasets_become_rgb_with_their_class_names(capsys):
     with tfds.testing.mock_data(num_examples=6):
-        cifar = images.load("tfds:cifar10")
-        mnist = images.load("tfds:mnist", val_fraction=0.5)
+        cifar = data.load_images("tfds:cifar10")
+        mnist = data.load_images("tfds:mnist", val_fraction=0.5)
         assert "evaluating on its 'validation' split" in capsys.readouterr().out
         assert len(cifar.classes) == 10 and len(cifar.train) == 6
         assert cifar.val.describe(0) == "tfds:cifar10 validation[0]"
@@ -219,10 +221,10 @@ def test_tfds_mock_rgb_and_grey_datasets_become_rgb_with_their_class_names(capsy
 
 
 def test_tfds_not_prepared_is_one_line_without_a_download(tmp_path):
-    with pytest.raises(images.DataError, match="is not prepared as array_record in .*tfds build cifar10"):
-        images.load("tfds:cifar10", data_dir=str(tmp_path))
-    with pytest.raises(images.DataError, match="TFDS has no dataset of that name"):
-        images.load("tfds:no_such_dataset", data_dir=str(tmp_path))
+    with pytest.raises(data.DataError, match="is not prepared as array_record in .*tfds build cifar10"):
+        data.load_images("tfds:cifar10", data_dir=str(tmp_path))
+    with pytest.raises(data.DataError, match="TFDS has no dataset of that name"):
+        data.load_images("tfds:no_such_dataset", data_dir=str(tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------- pipelines
@@ -231,12 +233,12 @@ def test_tfds_not_prepared_is_one_line_without_a_download(tmp_path):
 @pytest.fixture(scope="module")
 def folder_source(tmp_path_factory):
     root = write_folder(tmp_path_factory.mktemp("pipe") / "data", ["a", "b", "c"], per_class=7)
-    classes, paths, labels = images.list_folder(root)
-    return images.FolderSource(paths, labels)
+    classes, paths, labels = folder.list_folder(root)
+    return folder.FolderSource(paths, labels)
 
 
 def crops(source, start, stop, seed=0, workers=0):
-    train = lambda r, rng: images.train_transform(r, rng, size=16)  # noqa: E731
+    train = lambda r, rng: transforms.train_transform(r, rng, size=16)  # noqa: E731
     return [b for b in pipeline.train_batches(source, global_batch=4, seed=seed, start_step=start, stop_step=stop,
                                               random_transform=train, workers=workers)]
 
@@ -260,17 +262,17 @@ def test_worker_processes_give_the_batches_threads_give(folder_source):
 def test_an_unreadable_image_is_reported_once_and_skipped_or_stops(tmp_path, capsys):
     root = write_folder(tmp_path / "data", ["a", "b"], per_class=4)
     (root / "b" / "1.png").write_bytes((root / "b" / "1.png").read_bytes()[:60])  # truncated
-    _, paths, labels = images.list_folder(root)
-    source = images.FolderSource(paths, labels)
-    evaluate = lambda r: images.eval_transform(r, size=16, resize_to=18)  # noqa: E731
+    _, paths, labels = folder.list_folder(root)
+    source = folder.FolderSource(paths, labels)
+    evaluate = lambda r: transforms.eval_transform(r, size=16, resize_to=18)  # noqa: E731
     batches = lambda: pipeline.eval_batches(source, global_batch=3, transform=evaluate,  # noqa: E731
-                                            blank=images.blank(16))
-    skip = images.BadImages(source, stop=False)
+                                            blank=transforms.blank(16))
+    skip = transforms.BadImages(source, stop=False)
     for _ in range(2):  # two passes, one report
         rows = [b for b in skip(batches())]
     err = capsys.readouterr().err
     assert err.count("cannot read the image") == 1 and f"{root / 'b' / '1.png'}: cannot read" in err
     mask = np.concatenate([b["mask"] for b in rows])
     assert mask.sum() == 7 and len(mask) == 9 and "bad" not in rows[0]
-    with pytest.raises(images.DataError, match=r"1\.png: cannot read the image .*pass --bad-images skip"):
-        list(images.BadImages(source, stop=True)(batches()))
+    with pytest.raises(data.DataError, match=r"1\.png: cannot read the image .*pass --bad-images skip"):
+        list(transforms.BadImages(source, stop=True)(batches()))
