@@ -41,7 +41,7 @@ from jax_googlenet import data, distributed, imagenet, train
 from jax_googlenet.data import pipeline
 from jax_googlenet.checkpoint import save_model
 from jax_googlenet.model import accepted_sides, googlenet
-from jax_googlenet.ops import compiler_options, resolve_impl, xla_kernels
+from jax_googlenet.ops import compiler_options, xla_kernels
 
 # The flat config: torchvision's reference recipe (references/classification/train.py) at a fine-tuning
 # learning rate for batch 32; warmup_epochs: linear warmup before the cosine decay; weight_decay: coupled L2.
@@ -171,8 +171,7 @@ def run(args) -> float:
 
 def set_up(args) -> loop.Job:
     """Set up or restore: the config, mesh, data, state and steps of the run in --workdir."""
-    start.start_process(args.coordinator, args.num_processes, args.process_id,
-                       compile_cache=not args.no_compile_cache, system_malloc=args.system_malloc)
+    start.start_process(args)
     workdir, stored = rundir.open_workdir(args.workdir, args.resume)
     cfg = make_config(args, stored)
     check_sizes(cfg)
@@ -247,16 +246,9 @@ def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead
         mode = ("linear probe (fc alone; the backbone frozen, in inference mode)" if cfg["freeze_backbone"] else
                 f"fine-tuning (backbone learning rate x{cfg['backbone_lr_scale']:g})")
         print(f"model: torchvision GoogLeNet, {len(cfg['classes'])} classes, {cfg['dtype']}, transform_input="
-              f"{transform_input}, {origin}; {mode}; convolutions and pools: {resolve_impl(model.impl)} (chosen "
-              f"for the {jax.default_backend()} backend), {xla_kernels(cfg['image_size'], cfg['dtype'])}",
-              flush=True)
-    tx = train.make_optimizer(cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
-                              weight_decay=cfg["weight_decay"], schedule=cfg["schedule"],
-                              total_steps=steps_per_epoch * cfg["epochs"],
-                              warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch),
-                              backbone_lr_scale=cfg["backbone_lr_scale"], freeze_backbone=cfg["freeze_backbone"])
+              f"{transform_input}, {origin}; {mode}; {start.kernels(model, cfg)}", flush=True)
     size = cfg["image_size"]
-    state = train.create_train_state(rng, model, (1, size, size, 3), tx)
+    state = train.create_train_state(rng, model, (1, size, size, 3), start.make_optimizer(cfg, steps_per_epoch))
     if init is not None:
         # The heads start fresh for the dataset's classes, whatever their number.
         state = _read_init(init, functools.partial(start.warm_start, fresh=train.HEADS), init, model, state)
@@ -369,8 +361,7 @@ def save_final_model(job: loop.Job) -> None:
 def evaluate_only(args) -> dict:
     """Top-1 / top-5 (and per-class accuracy) of --evaluate's weights on --data's held-out images; with
     --workdir also evaluation.json and confusion.png there."""
-    start.start_process(args.coordinator, args.num_processes, args.process_id,
-                       compile_cache=not args.no_compile_cache, system_malloc=args.system_malloc)
+    start.start_process(args)
     cfg = make_config(args, None)
     check_sizes(cfg)
     workdir = Path(args.workdir) if args.workdir else None

@@ -26,7 +26,7 @@ from experiments import cli, loop, rundir, start
 from experiments.cli import UsageError
 from jax_googlenet import data, distributed, train
 from jax_googlenet.model import RENAMED, accepted_sides, googlenet
-from jax_googlenet.ops import compiler_options, resolve_impl, xla_kernels
+from jax_googlenet.ops import compiler_options
 
 # Flat configs. max_shift: random translation of the 28x28 digits by up to that many pixels (on the device);
 # warmup_epochs: linear warmup before the cosine decay; weight_decay: coupled L2, as torch's SGD.
@@ -133,8 +133,7 @@ def run(args) -> float:
 def set_up(args) -> loop.Job:
     """Set up or restore: the config, mesh, data, state and steps of the run in --workdir, its state restored from
     the latest checkpoint on --resume."""
-    start.start_process(args.coordinator, args.num_processes, args.process_id,
-                       compile_cache=not args.no_compile_cache, system_malloc=args.system_malloc)
+    start.start_process(args)
     workdir, stored = rundir.open_workdir(args.workdir, args.resume)
     cfg = make_config(args, stored)
     workdir = workdir or rundir.new_workdir(f"mnist-{cfg['preset']}")
@@ -168,15 +167,10 @@ def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead
     model = googlenet(cfg["variant"], num_classes=data.NUM_CLASSES, in_channels=cfg["in_channels"],
                       aux_logits=cfg["aux_logits"], dtype=jax.numpy.dtype(cfg["dtype"]))
     if lead:
-        print(f"model: {cfg['variant']} variant, {cfg['dtype']}, convolutions and pools: "
-              f"{resolve_impl(model.impl)} (chosen for the {jax.default_backend()} backend), "
-              f"{xla_kernels(cfg['image_size'], cfg['dtype'])}", flush=True)
-    tx = train.make_optimizer(cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
-                              weight_decay=cfg["weight_decay"], schedule=cfg["schedule"],
-                              total_steps=steps_per_epoch * cfg["epochs"],
-                              warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch))
+        print(f"model: {cfg['variant']} variant, {cfg['dtype']}, {start.kernels(model, cfg)}", flush=True)
     size = cfg["image_size"]
-    state = train.create_train_state(rng, model, (1, size, size, cfg["in_channels"]), tx)
+    state = train.create_train_state(rng, model, (1, size, size, cfg["in_channels"]),
+                                     start.make_optimizer(cfg, steps_per_epoch))
     return start.warm_start(init, model, state) if init else state
 
 

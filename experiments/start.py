@@ -1,20 +1,23 @@
-"""Starting a job: the process (multi-host, host memory, compilation cache), its device mesh, and weights to
-warm-start from."""
+"""Starting a job: the process (multi-host, host memory, compilation cache), its device mesh, the config's
+optimizer, the line naming the kernels, and weights to warm-start from."""
 
 from __future__ import annotations
 
-from jax_googlenet import compilation_cache, distributed, host_memory
+import jax
+
+from jax_googlenet import compilation_cache, distributed, host_memory, train
+from jax_googlenet.ops import resolve_impl, xla_kernels
 
 from experiments.cli import UsageError
 
 
-def start_process(coordinator: str | None, num_processes: int | None, process_id: int | None, *,
-                  compile_cache: bool, system_malloc: bool) -> None:
-    """Join a multi-process run if there is one, keep freed host memory for reuse unless `system_malloc`
-    (`host_memory`, its line printed) and turn the persistent compilation cache on."""
-    distributed.initialize(coordinator, num_processes, process_id)
-    print(host_memory.configure(system_malloc), flush=True)
-    if compile_cache:
+def start_process(args) -> None:
+    """Join a multi-process run if the run flags (`cli.add_run_flags`) ask for one, keep freed host memory for
+    reuse unless --system-malloc (`host_memory`, its line printed) and turn the persistent compilation cache on
+    unless --no-compile-cache."""
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    print(host_memory.configure(args.system_malloc), flush=True)
+    if not args.no_compile_cache:
         compilation_cache.enable()
 
 
@@ -28,6 +31,24 @@ def make_mesh(devices: int | None, batch_size: int):
         raise UsageError(str(e)) from None
     print(distributed.describe(mesh), flush=True)
     return mesh
+
+
+def make_optimizer(cfg: dict, steps_per_epoch: int):
+    """The config's SGD (`train.make_optimizer`): its schedule over the whole run, the warmup given in epochs,
+    and the backbone's learning rate or freezing where the config has them."""
+    return train.make_optimizer(cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
+                                weight_decay=cfg["weight_decay"], schedule=cfg["schedule"],
+                                total_steps=steps_per_epoch * cfg["epochs"],
+                                warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch),
+                                backbone_lr_scale=cfg.get("backbone_lr_scale", 1.0),
+                                freeze_backbone=cfg.get("freeze_backbone", False))
+
+
+def kernels(model, cfg: dict) -> str:
+    """What computes the model's convolutions and pools for the config's image size and dtype, for the
+    "model:" line."""
+    return (f"convolutions and pools: {resolve_impl(model.impl)} (chosen for the {jax.default_backend()} "
+            f"backend), {xla_kernels(cfg['image_size'], cfg['dtype'])}")
 
 
 def warm_start(path: str, model, state, *, fresh: tuple[tuple[str, ...], ...] = ()):
