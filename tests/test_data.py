@@ -8,8 +8,10 @@ import http.server
 import importlib.abc
 import importlib.util
 import socket
+import struct
 import sys
 import threading
+import tracemalloc
 from pathlib import Path
 
 import jax
@@ -129,6 +131,38 @@ def test_idx_missing_dir_and_missing_file(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(data.DataError, match="missing t10k-labels-idx1-ubyte"):
         data.load_idx(str(tmp_path))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_header_whose_size_overflows_int64_is_one_clear_error(tmp_path, gz):
+    """2^22 x 2^21 x 2^21 bytes is 2^64: int64 arithmetic wraps it to 0, the length of an empty payload."""
+    write_mnist_idx(tmp_path, gz=gz)
+    header = struct.pack(">4I", data.idx.IDX_MAGIC[3], 2**22, 2**21, 2**21)
+    path = tmp_path / ("train-images-idx3-ubyte" + (".gz" if gz else ""))
+    path.write_bytes(gzip.compress(header) if gz else header)
+    with pytest.raises(data.DataError, match=f"truncated: header says 4194304 x 2097152 x 2097152 = {2**64} "
+                                             f"bytes") as e:
+        data.load_idx(str(tmp_path))
+    assert "\n" not in str(e.value) and path.name in str(e.value)
+
+
+def test_a_gzip_bomb_is_refused_after_decompressing_no_more_than_its_header_declares(tmp_path):
+    """A 100 MB payload behind a 12 x 28 x 28 header, gzipped to ~100 KB: refused while less than 10 MB is held."""
+    write_mnist_idx(tmp_path, gz=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">4I", data.idx.IDX_MAGIC[3], 12, 28, 28))
+        zeros = bytes(1 << 20)
+        for _ in range(100):
+            f.write(zeros)
+    tracemalloc.start()
+    try:
+        with pytest.raises(data.DataError, match="longer than its header says: header says 12 x 28 x 28 = 9408"):
+            data.idx.read_idx(path, ndim=3)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 << 20, f"{peak / 2**20:.0f} MiB held"
 
 
 def test_a_gzip_that_is_not_is_one_clear_error(tmp_path):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,8 @@ IDX_FILES = {  # split -> (images, labels), the names MNIST is distributed under
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}  # ndim -> magic: unsigned bytes, 3-d images or 1-d labels
+DEFLATE_MAX_RATIO = 1032  # the most a deflate stream expands (zlib's technical details)
+CHUNK = 1 << 20  # bytes decompressed at a time
 
 
 def load_idx(directory: str) -> Dataset:
@@ -57,25 +61,47 @@ def _require(root: Path, name: str) -> Path:
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
-    """An IDX file of unsigned bytes with `ndim` dimensions, every header field and length checked."""
+    """An IDX file of unsigned bytes with `ndim` dimensions, every header field and length checked; a gzipped
+    one is decompressed as it is read and no further than its header declares, plus one byte."""
+    gz = path.suffix == ".gz"
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        with (gzip.open if gz else open)(path, "rb") as f:
+            header = 4 + 4 * ndim
+            head = f.read(header)
+            if len(head) < header:
+                raise DataError(f"{path}: truncated header ({len(head)} bytes)")
+            magic, *dims = struct.unpack(f">{1 + ndim}I", head)
+            if magic != IDX_MAGIC[ndim]:
+                kind = "image" if ndim == 3 else "label"
+                raise DataError(f"{path}: magic number {magic:#010x} is not that of an IDX {kind} file "
+                                f"({IDX_MAGIC[ndim]:#010x})")
+            expected = math.prod(dims)  # Python integers: 2^32-1 cubed does not wrap
+            says = f"header says {' x '.join(map(str, dims))} = {expected} bytes"
+            size = path.stat().st_size
+            room = size * DEFLATE_MAX_RATIO if gz else size - header  # the most the payload can be
+            if expected > room:
+                has = f"its {size} compressed bytes hold at most {room}" if gz else f"file has {room}"
+                raise DataError(f"{path}: truncated: {says}, {has}")
+            payload = _read_at_most(f, expected + 1)
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated header ({len(raw)} bytes)")
-    magic, *dims = struct.unpack(f">{1 + ndim}I", raw[:header])
-    if magic != IDX_MAGIC[ndim]:
-        kind = "image" if ndim == 3 else "label"
-        raise DataError(f"{path}: magic number {magic:#010x} is not that of an IDX {kind} file "
-                        f"({IDX_MAGIC[ndim]:#010x})")
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
-        what = "truncated" if len(raw) - header < expected else "longer than its header says"
-        raise DataError(f"{path}: {what}: header says {' x '.join(map(str, dims))} = {expected} bytes, "
-                        f"file has {len(raw) - header}")
-    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+    if len(payload) != expected:
+        what = "truncated" if len(payload) < expected else "longer than its header says"
+        has = room if not gz else len(payload) if len(payload) < expected else "more"
+        raise DataError(f"{path}: {what}: {says}, file has {has}")
+    return np.frombuffer(payload, np.uint8).reshape(dims)
+
+
+def _read_at_most(f, limit: int) -> bytes:
+    """Up to `limit` bytes of `f`, read in chunks so that memory follows what the file holds, not `limit`."""
+    chunks, left = [], limit
+    while left:
+        chunk = f.read(min(left, CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
