@@ -3,6 +3,7 @@
 the grain pipelines over them (jax_googlenet.data.pipeline)."""
 
 import math
+import os
 from unittest import mock
 
 import numpy as np
@@ -147,6 +148,24 @@ def test_folder_listing_is_torchvisions_imagefolder(tmp_path):
     ref = torchvision.datasets.ImageFolder(root)
     assert classes == ref.classes == ["ant", "cat", "dog"]
     assert list(zip(paths, labels)) == ref.samples
+
+
+def test_a_symlink_to_a_parent_folder_lists_each_image_once(tmp_path):
+    root = write_folder(tmp_path / "data", ["a", "b"])
+    (root / "a" / "loop").symlink_to(root / "a")
+    _, paths, labels = folder.list_folder(root)
+    assert paths == [str(root / c / f"{k}.png") for c in "ab" for k in range(3)]
+    assert labels == [0, 0, 0, 1, 1, 1]
+
+
+def test_two_symlinks_to_parent_folders_finish_and_list_each_image_once(tmp_path):
+    """os.walk following links would walk 2^40 paths here, to the path length limit."""
+    root = write_folder(tmp_path / "data", ["a", "b"])
+    (root / "a" / "sub").mkdir()
+    (root / "a" / "sub" / "up").symlink_to(root / "a")
+    (root / "a" / "sub" / "self").symlink_to(root / "a" / "sub")
+    _, paths, labels = folder.list_folder(root)
+    assert len(paths) == len(set(map(os.path.realpath, paths))) == 6 and labels == [0, 0, 0, 1, 1, 1]
 
 
 def test_folder_with_train_and_val_labels_val_by_the_training_classes(tmp_path):

@@ -61,7 +61,7 @@ def list_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -
         if name not in found:
             continue
         before = len(paths)
-        for folder, _, files in sorted(os.walk(root / name, followlinks=True)):
+        for folder, files in _walk(root / name):
             for file in sorted(files):
                 if file.lower().endswith(IMG_EXTENSIONS):
                     paths.append(os.path.join(folder, file))
@@ -77,6 +77,22 @@ def list_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -
         print(f"data: {root}: ignored {ignored} files that are not images ({', '.join(IMG_EXTENSIONS)})",
               flush=True)
     return list(classes), paths, labels
+
+
+def _walk(top: Path) -> list[tuple[str, list[str]]]:
+    """(folder, file names) of `top` and the folders under it, links followed, sorted by path as
+    `sorted(os.walk(top, followlinks=True))`; a folder reached again (by device and inode), as through a link
+    to a parent, is walked once, where its sorted walk meets it first."""
+    seen, found = set(), []
+    for folder, dirs, files in os.walk(top, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        found.append((folder, files))
+    return sorted(found)
 
 
 def load_folder(directory: str, *, val_fraction: float | None = None, seed: int = 0,
