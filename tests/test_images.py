@@ -246,6 +246,16 @@ def test_tfds_not_prepared_is_one_line_without_a_download(tmp_path):
         data.load_images("tfds:no_such_dataset", data_dir=str(tmp_path))
 
 
+@pytest.mark.parametrize("name", ["huggingface:mnist", "kaggle:owner/set"])
+def test_tfds_community_datasets_are_one_line_without_building_them(tmp_path, monkeypatch, name):
+    """A community dataset (NAMESPACE:NAME) is code TFDS fetches and runs, and it may download: refused before
+    TFDS builds anything."""
+    monkeypatch.setattr(tfds, "builder", lambda *a, **k: pytest.fail("tfds.builder was called"))
+    with pytest.raises(data.DataError, match=f"--data tfds:{name}: community datasets") as e:
+        data.load_images(f"tfds:{name}", data_dir=str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
 # ----------------------------------------------------------------------------------------------- pipelines
 
 

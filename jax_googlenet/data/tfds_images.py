@@ -1,6 +1,6 @@
-"""``tfds:NAME``: a prepared TFDS image-classification dataset through `tfds.data_source` (never downloads); its
-"validation" split held out, else its "test" split, else a seeded fraction of "train". Every image becomes RGB,
-grey ones repeated."""
+"""``tfds:NAME``: a TFDS image-classification dataset prepared on disk, read through `tfds.data_source` (never
+downloads; community datasets, NAMESPACE:NAME, are refused); its "validation" split held out, else its "test"
+split, else a seeded fraction of "train". Every image becomes RGB, grey ones repeated."""
 
 from __future__ import annotations
 
@@ -52,6 +52,13 @@ def load_tfds(name: str, *, data_dir: str | None = None, val_fraction: float | N
 
     if data_dir is not None and not Path(data_dir).is_dir():
         raise DataError(f"--data-dir {data_dir}: no such directory")
+    try:
+        dataset_name, _ = tfds.core.naming.parse_builder_name_kwargs(name)
+    except ValueError:
+        raise DataError(f"--data tfds:{name}: not a TFDS dataset name (NAME, NAME/CONFIG or NAME:VERSION)") from None
+    if dataset_name.namespace:  # TFDS would fetch and run the namespace's code, which may download
+        raise DataError(f"--data tfds:{name}: community datasets ({dataset_name.namespace}:...) are not read, only "
+                        f"TFDS's own datasets prepared on disk; save the images as a folder and use folder:DIR")
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
