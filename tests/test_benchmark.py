@@ -4,13 +4,11 @@ No test asserts a speed: the machine running CI is shared and its timings mean n
 """
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from dispatch_probe import JOB_THEN_STEP, run
+
 # One thread each: CI machines are shared, and oversubscribed OpenMP threads make PyTorch crawl.
 TINY = ["--threads", "1", "--batch-sizes", "2", "--image-size", "32", "--repeats", "1", "--steps", "1", "--warmup", "1",
         "--workloads", "eval,train", "--frameworks", "jax,torch", "--torch-variants", "eager,channels_last"]
@@ -18,18 +16,14 @@ SPREAD = ("ms_per_step", "images_per_s")
 COMPILE_FIELDS = ("compile_cold_s", "compile_warm_s", "warm_cache_hit")
 
 
-def benchmark(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "experiments.benchmark", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """One run with a fresh compilation cache, so its first JAX compile is a real cold one."""
+    """One run with a fresh compilation cache, so its first JAX compile is a real cold one; then, in the same
+    process, a step that says whether JAX's CPU steps ran on the calling thread (tests/dispatch_probe.py)."""
     out = tmp_path_factory.mktemp("bench")
-    proc = benchmark(*TINY, "--compile-cache-dir", str(out / "cache"), "--json", str(out / "r.json"),
-                     "--markdown", str(out / "r.md"), "--plot", str(out / "r.png"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run(JOB_THEN_STEP, "experiments.benchmark", *TINY, "--compile-cache-dir", str(out / "cache"),
+               "--json", str(out / "r.json"), "--markdown", str(out / "r.md"), "--plot", str(out / "r.png"))
+    assert proc.returncode == 0 and "exit status 0" in proc.stdout, proc.stderr[-3000:]
     return json.loads((out / "r.json").read_text()), out, proc.stdout
 
 
@@ -71,12 +65,13 @@ def test_jax_cold_compile_is_slower_than_the_warm_one_from_the_persistent_cache(
 @pytest.mark.slow
 def test_flops_come_from_pytorchs_counter_and_xla_counts_no_more_than_it(tiny):
     # MFU counts the direct convolutions' work (FlopCounterMode) for every variant. XLA's cost analysis counts
-    # the compiled step's own: no multiply-adds on the convolution padding (large at 32 px), Winograd's fewer
-    # products, the elementwise ops that FlopCounterMode ignores.
+    # the compiled step's own: no multiply-adds on the convolution padding (large at 32 px) and Winograd's fewer
+    # products, which outweigh the elementwise ops that FlopCounterMode ignores (at 2 x 32 px XLA counts 0.61 of
+    # PyTorch's eval and 0.85 of its train step). The lower bound says XLA counted the step at all.
     result = tiny[0]
     assert {c["flops_source"] for c in result["cells"]} == {"torch FlopCounterMode"}
     for check in result["flops_check"]:
-        assert 0.1 < check["xla_flops"] / check["torch_flops"] < 1.5, check
+        assert 0.1 * check["torch_flops"] < check["xla_flops"] <= check["torch_flops"], check
     train, evaluation = (next(c for c in result["flops_check"] if c["workload"] == w) for w in ("train", "eval"))
     assert train["torch_flops"] > 2.5 * evaluation["torch_flops"]  # backward ~2x forward, plus the aux heads
 
@@ -104,6 +99,8 @@ def test_markdown_and_plot_are_written(tiny):
     assert tiny[0]["settings"]["host_memory"].startswith("host memory: freed blocks kept")
     assert ("(jax_cpu_enable_async_dispatch=False); --system-malloc leaves both as they are), for both frameworks"
             in text)
+    # and the setting took: the benchmark makes it before anything starts JAX's backend
+    assert stdout.splitlines()[-1] == "step finished when its call returned: True"
     # the dot and convolution kernels XLA was told to use (none at 32 pixels), recorded and stated
     assert tiny[0]["settings"]["xla_compiler_options"] == {"float32": {}}
     assert "JAX float32: XLA:CPU's default dot and convolution kernels (YNNPACK's" in text
@@ -121,10 +118,11 @@ def test_peaks_are_stated_from_the_cpus_vector_units_or_the_gpu_data_sheet():
         gpu_peak("NVIDIA L40S", "bfloat16")
 
 
+@pytest.mark.slow
 def test_benchmark_imports_neither_tensorflow_datasets_nor_grain():
     code = ("import sys, experiments.benchmark; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow_datasets', 'grain', 'tensorflow'}))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run(code)
     assert proc.stdout.strip() == "[]", proc.stderr[-2000:]
 
 
