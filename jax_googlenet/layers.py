@@ -1,5 +1,6 @@
-"""Flax layers of the network: the convolution (dispatching to `jax_googlenet.ops`), torch's BatchNorm, torch's
-initialisers, and a fully connected layer built from flax's `Dense` with them."""
+"""Flax layers of the network: the convolution and the max pool (computed by the kernel `jax_googlenet.ops.plan`
+chooses), torch's BatchNorm, torch's initialisers, and a fully connected layer built from flax's `Dense` with
+them."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jax_googlenet.ops import conv2d
-from jax_googlenet.ops.norm import batch_norm_apply, batch_norm_train
+from jax_googlenet.ops import plan
+from jax_googlenet.ops.norm import batch_norm_apply, batch_norm_train, update_running_stats
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -46,8 +47,8 @@ def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], dtype: Dt
 
 
 class Conv(nn.Module):
-    """2-D convolution with an HWIO `kernel` (and optional `bias`), torch-style symmetric padding; `impl` as in
-    `jax_googlenet.ops`."""
+    """2-D convolution with an HWIO `kernel` (and optional `bias`), torch-style symmetric padding; computed by
+    the kernel `jax_googlenet.ops.plan` chooses for `impl`, the shape, dtype and `mode` ("train" or "eval")."""
 
     features: int
     kernel_size: int
@@ -60,15 +61,23 @@ class Conv(nn.Module):
     impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, *, mode: str = "train"):
         k, cin = self.kernel_size, x.shape[-1]
         kernel_init, bias_init = initializers(self.init, k * k * cin)
         kernel = _param(self, "kernel", kernel_init, (k, k, cin, self.features), self.param_dtype)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        y = conv2d(x, kernel, self.stride, self.padding, self.impl)
+        chosen = plan.conv(x.shape, kernel.shape, self.stride, self.padding, x.dtype, self.impl, mode,
+                           "/".join(self.scope.path[:-1]))
+        y = chosen.run(x, kernel)
         if self.use_bias:
             y = y + _param(self, "bias", bias_init, (self.features,), self.param_dtype).astype(self.dtype)
         return y
+
+
+def max_pool(x, window: int, stride: int, pool_mode: str, *, pad: int = 0, impl: str, mode: str, name: str):
+    """Max pool (torch's ceil/floor `pool_mode` or TensorFlow's "same") by the kernel `jax_googlenet.ops.plan`
+    chooses; `name` is the layer's name in the plan."""
+    return plan.max_pool(x.shape, window, stride, pool_mode, pad, impl, mode, name).run(x)
 
 
 def dense(features: int, fan_in: int, init: str, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
@@ -104,9 +113,3 @@ class BatchNorm(nn.Module):
             return y
         return batch_norm_apply(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, self.dtype)
 
-
-def update_running_stats(ra_mean, ra_var, mean, var, n: int, momentum: float):
-    """torch's running statistics after a batch of `n` positions with biased variance `var`: each
-    momentum * running + (1 - momentum) * batch, the variance taken unbiased (n / (n - 1))."""
-    return (momentum * ra_mean + (1 - momentum) * mean,
-            momentum * ra_var + (1 - momentum) * var * (n / max(n - 1, 1)))

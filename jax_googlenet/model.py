@@ -4,11 +4,13 @@ One network, three variants given as data (`VARIANTS`):
 
 - ``torchvision``: exactly torchvision 0.29's ``models/googlenet.py`` (the pretrained weights' architecture).
 - ``paper``: the paper's Table 1 and Figure 3.
-- ``writeup``: the MNIST model of the write-up this project started from (shared/seed), quirks included.
+- ``writeup``: the MNIST model of a PyTorch write-up that trains GoogLeNet on MNIST, the document this project
+  started from, quirks included.
 
 Submodules are named after torchvision's attributes (``conv1``, ``inception3a/branch2_1/conv``, ``aux1/fc1``,
 ``fc``): a torchvision key maps to a Flax path by replacing ``.N`` with ``_N`` (see ``convert/``). This file is
-the architecture only; the layers are in `layers.py`, the convolution and pooling kernels in `ops/`.
+the architecture only: the layers are in `layers.py`, the input-size arithmetic in `sizes.py`, the convolution and
+pooling kernels (and which computes each layer) in `ops/`.
 """
 
 from __future__ import annotations
@@ -19,13 +21,11 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax_googlenet.imagenet import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD
-from jax_googlenet.layers import BatchNorm, Conv, Dtype, dense, update_running_stats
-from jax_googlenet.ops import (adaptive_avg_pool, conv2d, local_response_norm, max_pool, pool_output_size,
-                               resolve_impl)
-from jax_googlenet.ops.norm import batch_norm_train
+from jax_googlenet.layers import BatchNorm, Conv, Dtype, dense, max_pool
+from jax_googlenet.ops import adaptive_avg_pool, local_response_norm, plan, resolve_impl
+from jax_googlenet.sizes import accepted_sides, check_input, stage_sizes
 
 # name, 1x1, 3x3 reduce, 3x3, "5x5" reduce, "5x5", pool proj: the paper's Table 1, shared by every variant.
 INCEPTION_TABLE: tuple[tuple[str, int, int, int, int, int, int], ...] = (
@@ -39,6 +39,15 @@ INCEPTION_TABLE: tuple[tuple[str, int, int, int, int, int, int], ...] = (
     ("inception5a", 256, 160, 320, 32, 128, 128),
     ("inception5b", 384, 192, 384, 48, 128, 128),
 )
+# The stem, torchvision's layers before inception3a: (name, features, kernel, stride, padding) for a BasicConv,
+# a name alone for a 3x3/2 max pool or (the paper variant's) local response normalisation. NHWC shapes at 224
+# with ceil-mode pools: conv1 N x 112 x 112 x 64, maxpool1 N x 56 x 56 x 64 (floor mode, the writeup: 55),
+# conv3 N x 56 x 56 x 192, maxpool2 N x 28 x 28 x 192.
+STEM = (("conv1", 64, 7, 2, 3), "maxpool1", "lrn", ("conv2", 64, 1, 1, 0), ("conv3", 192, 3, 1, 1), "lrn",
+        "maxpool2")
+# The max pools between stages, by the block they precede: maxpool3 (3x3/2: N x 28 x 28 x 480 -> N x 14 x 14
+# x 480) and maxpool4 (N x 14 x 14 x 832 -> N x 7 x 7 x 832 with the variant's `maxpool4` windows).
+POOL_BEFORE = {"inception4a": "maxpool3", "inception5a": "maxpool4"}
 # Which stage each auxiliary head reads.
 AUX_AFTER = {"aux1": "inception4a", "aux2": "inception4d"}
 # Stage outputs that `GoogLeNet.features` returns, besides the pooled vector.
@@ -100,61 +109,17 @@ def check_variant(name: str) -> Variant:
     raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
 
 
+def _mode(train: bool) -> str:
+    """The kernel plan's mode for a forward pass (`jax_googlenet.ops.plan`)."""
+    return "train" if train else "eval"
+
+
 class GoogLeNetOutputs(NamedTuple):
     """Training-mode outputs. Note: torchvision's own tuple is ordered (logits, aux2, aux1)."""
 
     logits: jax.Array
     aux1: jax.Array | None
     aux2: jax.Array | None
-
-
-# ----------------------------------------------------------------------------------------------- sizes
-
-def stage_sizes(variant: str | Variant, side: int) -> dict[str, int]:
-    """Spatial side length after each stage, for an input side `side` (rows and columns are independent)."""
-    v = check_variant(variant) if isinstance(variant, str) else variant
-    sizes = {}
-    n = (side + 2 * 3 - 7) // 2 + 1  # conv1: 7x7 stride 2 pad 3
-    sizes["conv1"] = n
-    n = pool_output_size(n, 3, 2, 0, v.pool_mode)
-    sizes["maxpool1"] = n
-    n = pool_output_size(n, 3, 2, 0, v.pool_mode)
-    sizes["stem"] = n  # after maxpool2
-    sizes["inception3b"] = n
-    n = pool_output_size(n, 3, 2, 0, v.pool_mode)
-    sizes["inception4a"] = sizes["inception4e"] = n
-    for window, stride in v.maxpool4:
-        n = pool_output_size(n, window, stride, 0, v.pool_mode)
-    sizes["inception5b"] = n
-    a = sizes["inception4a"]
-    sizes["aux"] = 4 if v.aux_pool == "adaptive4" else (a - 5) // 3 + 1
-    return sizes
-
-
-def _side_ok(v: Variant, side: int, aux: bool) -> bool:
-    sizes = stage_sizes(v, side)
-    ok = side >= 1 and min(n for k, n in sizes.items() if k != "aux") >= 1
-    return ok and (not aux or sizes["aux"] == v.aux_grid)
-
-
-def accepted_sides(variant: str | Variant, aux: bool, up_to: int = 2048) -> tuple[int, int | None]:
-    """(smallest, largest or None) input side the variant accepts; the aux heads of the paper and the writeup
-    variants have a fixed-size fc1, so with them only a band of sizes works."""
-    v = check_variant(variant) if isinstance(variant, str) else variant
-    ok = [s for s in range(1, up_to + 1) if _side_ok(v, s, aux)]
-    return ok[0], (None if ok[-1] == up_to else ok[-1])
-
-
-def _check_input(v: Variant, shape: tuple[int, ...], in_channels: int, aux: bool) -> None:
-    if len(shape) != 4 or shape[-1] != in_channels:
-        raise ValueError(f"GoogLeNet expects NHWC images with {in_channels} channels, got shape {tuple(shape)}")
-    for side in shape[1:3]:
-        if not _side_ok(v, side, aux):
-            lo, hi = accepted_sides(v, aux)
-            band = f"{lo} to {hi}" if hi else f"at least {lo}"
-            why = " (the aux heads' fc1 has a fixed input size; pass aux_logits=False for others)" if hi else ""
-            raise ValueError(f"the {v.name!r} variant{' with aux heads' if aux else ''} accepts image sides "
-                             f"of {band} pixels{why}; got {shape[1]}x{shape[2]}")
 
 
 # ----------------------------------------------------------------------------------------------- blocks
@@ -177,11 +142,10 @@ class BasicConv(nn.Module):
         v = self.variant
         x = Conv(self.features, self.kernel_size, self.stride, self.padding, use_bias=not v.batch_norm,
                  init=v.init, dtype=self.dtype, param_dtype=self.param_dtype, impl=self.impl,
-                 name="conv")(x)
+                 name="conv")(x, mode=_mode(train))
         if v.batch_norm:
             x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x, train=train)
         return nn.relu(x)
-
 
 
 class Inception(nn.Module):
@@ -200,46 +164,24 @@ class Inception(nn.Module):
         conv = lambda f, k, name: BasicConv(f, k, v, padding=k // 2, dtype=self.dtype,  # noqa: E731
                                             param_dtype=self.param_dtype, impl=self.impl, name=name)
         reductions = (("branch1", ch1), ("branch2_0", ch3r), ("branch3_0", ch5r))
-        if train and self.impl in ("slices", "winograd") and not self.is_initializing():
-            b1, r2, r3 = self._merged_1x1(x, reductions)
+        path = "/".join(self.scope.path)
+        merged = None if self.is_initializing() else plan.merged_1x1(
+            x.shape, [f for _, f in reductions], self.impl, _mode(train), f"{path}/branch1+branch2_0+branch3_0")
+        if merged is not None:
+            b1, r2, r3 = merged.run(self, x, reductions, self.dtype, v.batch_norm, BatchNorm.epsilon,
+                                    BatchNorm.momentum)
         else:
             b1, r2, r3 = (conv(f, 1, name)(x, train=train) for name, f in reductions)
         b2 = conv(ch3, 3, "branch2_1")(r2, train=train)
         # torchvision's "5x5" branch is a 3x3 conv, a known deviation from the paper (pytorch/vision#906).
         b3 = conv(ch5, v.branch3_kernel, "branch3_1")(r3, train=train)
         # stride-1 3x3 pool with padding 1 keeps the size in every mode; torch index 0 is this pool.
-        p = max_pool(x, 3, 1, "ceil" if v.pool_mode == "same" else v.pool_mode, pad=1, impl=self.impl)
+        p = max_pool(x, 3, 1, "ceil" if v.pool_mode == "same" else v.pool_mode, pad=1, impl=self.impl,
+                     mode=_mode(train), name=f"{path}/branch4_0")
         if v.branch4_relu:
             p = nn.relu(p)  # the write-up's ReLU after the pool; a no-op on ReLU outputs, kept to be exact
         b4 = conv(pool_proj, 1, "branch4_1")(p, train=train)
         return jnp.concatenate([b1, b2, b3, b4], axis=-1)
-
-    def _merged_1x1(self, x, branches):
-        """In training, the BasicConvs `branches` ((name, features), the block's three 1x1 convolutions of x) as
-        one: their kernels side by side in one product, one batch norm (or bias) over its channels, ReLU, split.
-        The same parameters and results as calling each; x is read once and its gradient is one product instead
-        of three summed. The CPU's train step +1.5% at 16/224, +6% at 64/96, +2.3% at 64/32; the eval forward
-        the same at 224 and 96 and 30% slower at 32, so eval keeps the branches (benchmarks/NOTES.md, H23). The
-        parameters exist already: this path is not taken at init."""
-        scopes = [self.scope.push(name) for name, _ in branches]
-        offsets = np.cumsum([0] + [f for _, f in branches])  # each branch's first channel of the product
-        convs = [s.push("conv") for s in scopes]
-        concat = lambda group, col, name: jnp.concatenate([s.get_variable(col, name) for s in group])  # noqa: E731
-        kernel = jnp.concatenate([c.get_variable("params", "kernel") for c in convs], axis=-1)
-        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), 1, 0, self.impl)
-        if not self.variant.batch_norm:
-            y = y + concat(convs, "params", "bias").astype(self.dtype)
-        else:
-            bns = [s.push("bn") for s in scopes]
-            scale, bias = concat(bns, "params", "scale"), concat(bns, "params", "bias")
-            y, mean, var = batch_norm_train(y, scale, bias, BatchNorm.epsilon, self.dtype)
-            for bn, lo, hi in zip(bns, offsets[:-1], offsets[1:]):
-                running = update_running_stats(bn.get_variable("batch_stats", "mean"),
-                                               bn.get_variable("batch_stats", "var"), mean[lo:hi], var[lo:hi],
-                                               y.size // y.shape[-1], BatchNorm.momentum)
-                for name, value in zip(("mean", "var"), running):
-                    bn.put_variable("batch_stats", name, value)
-        return jnp.split(nn.relu(y), offsets[1:-1], axis=-1)
 
 
 class InceptionAux(nn.Module):
@@ -295,7 +237,7 @@ class GoogLeNet(nn.Module):
     def _forward(self, x, train: bool, heads: bool):
         v = self.variant
         want_aux = self.aux_logits and heads and (train or self.is_initializing())
-        _check_input(v, x.shape, self.in_channels, want_aux)
+        check_input(v, x.shape, self.in_channels, want_aux)
         impl = resolve_impl(self.impl)
         kw = dict(variant=v, dtype=self.dtype, param_dtype=self.param_dtype, impl=impl)
         feats = {}
@@ -303,30 +245,19 @@ class GoogLeNet(nn.Module):
             # torchvision: undo ImageNet normalisation, redo it as (x - 0.5) / 0.5, the weights' original input.
             mean, std = jnp.array(IMAGENET_MEAN), jnp.array(IMAGENET_STD)
             x = x * (std / 0.5) + (mean - 0.5) / 0.5
-        # N x 224 x 224 x C
-        x = BasicConv(64, 7, stride=2, padding=3, name="conv1", **kw)(x, train=train)
-        # N x 112 x 112 x 64; ceil-mode pools (torchvision) give 56 here, floor (writeup) 55
-        x = max_pool(x, 3, 2, v.pool_mode, impl=impl)
-        if v.stem_lrn:
-            x = local_response_norm(x)
-        x = BasicConv(64, 1, name="conv2", **kw)(x, train=train)
-        x = BasicConv(192, 3, padding=1, name="conv3", **kw)(x, train=train)
-        if v.stem_lrn:
-            x = local_response_norm(x)
-        # N x 56 x 56 x 192
-        x = max_pool(x, 3, 2, v.pool_mode, impl=impl)
+        conv = lambda spec: BasicConv(*spec[1:3], stride=spec[3], padding=spec[4], name=spec[0], **kw)  # noqa: E731
+        for layer in STEM:  # N x 224 x 224 x C -> N x 28 x 28 x 192
+            if isinstance(layer, tuple):
+                x = conv(layer)(x, train=train)
+            elif layer == "lrn":
+                x = local_response_norm(x) if v.stem_lrn else x
+            else:
+                x = self._pools(x, layer, impl, train)
         feats["stem"] = x
-        # N x 28 x 28 x 192
         aux = {}
         for name, *spec in INCEPTION_TABLE:
-            if name == "inception4a":
-                # N x 28 x 28 x 480 -> N x 14 x 14 x 480
-                x = max_pool(x, 3, 2, v.pool_mode, impl=impl)
-            if name == "inception5a":
-                # N x 14 x 14 x 832 -> N x 7 x 7 x 832. torchvision: 2x2/2; paper 3x3/2; the write-up pools
-                # twice with 3x3/2 (14 -> 6 -> 2 at 224 input).
-                for window, stride in v.maxpool4:
-                    x = max_pool(x, window, stride, v.pool_mode, impl=impl)
+            if name in POOL_BEFORE:
+                x = self._pools(x, POOL_BEFORE[name], impl, train)
             x = Inception(tuple(spec), name=name, **kw)(x, train=train)
             feats[name] = x
             for head, after in AUX_AFTER.items():
@@ -342,6 +273,15 @@ class GoogLeNet(nn.Module):
         logits = dense(self.num_classes, x.shape[-1], v.init, self.dtype, self.param_dtype, "fc")(x)
         # N x num_classes
         return feats, logits, aux
+
+    def _pools(self, x, name: str, impl: str, train: bool):
+        """The stem's or a between-stage max pool `name`: 3x3/2, or maxpool4's windows (torchvision 2x2/2, the
+        paper 3x3/2, the write-up 3x3/2 twice: 14 -> 6 -> 2 at 224 input)."""
+        windows = self.variant.maxpool4 if name == "maxpool4" else ((3, 2),)
+        for i, (window, stride) in enumerate(windows):
+            x = max_pool(x, window, stride, self.variant.pool_mode, impl=impl, mode=_mode(train),
+                         name=f"{name}_{i}" if i else name)
+        return x
 
     def __call__(self, x, *, train: bool | None = None):
         if train is None:
@@ -377,11 +317,11 @@ def googlenet(variant: str = "torchvision", *, num_classes: int = 1000, in_chann
         dtype is float64).
       param_dtype: parameter dtype.
       impl: how convolutions and max pools are computed: "xla" (XLA's convolution and reduce_window,
-        autodiff backward), "slices" (1x1 convs as dots; k x k stride-1 convs with a backward of dots and
-        XLA's convolution forward on maps of 8x8 and more; max pools as maxima of shifted slices with a
-        first-maximum backward), "winograd" ("slices" with Winograd's F(4x4, 3x3) and F(2x2, 3x3) and dense
-        products on maps smaller than the kernel: fewer multiplications), or "auto" ("winograd" on the CPU,
-        where it runs fastest, "xla" elsewhere; see `jax_googlenet.ops`).
+        autodiff backward), "slices" (1x1 convs as dots; k x k stride-1 convs with a backward of dots; max
+        pools as maxima of shifted slices with a first-maximum backward), "winograd" ("slices" with Winograd's
+        F(4x4, 3x3) and F(2x2, 3x3) and dense products on maps smaller than the kernel: fewer
+        multiplications), or "auto" ("winograd" on the CPU, where it runs fastest, "xla" elsewhere).
+        `jax_googlenet.ops.plan` chooses the kernel of each layer; `python -m jax_googlenet.ops` prints it.
         The parameters and the results are the same either way (up to float rounding order).
 
     Returns:

@@ -1,5 +1,6 @@
 """The Flax GoogLeNet against torchvision's own googlenet: sizes, structure, modes and dtypes."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,7 +132,7 @@ def test_dropout_is_reproducible_from_the_rng(small, train_apply):
 def test_dropout_rng_is_needed_only_in_train_mode(small, eval_apply):
     model, variables, x = small
     eval_apply(variables, x)  # no rngs
-    with pytest.raises(Exception, match="dropout"):
+    with pytest.raises(flax.errors.InvalidRngError, match='needs PRNG for "dropout"'):
         jax.eval_shape(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]), variables)
 
 
@@ -225,8 +226,6 @@ def test_torchvision_init_statistics(small):
 
 def test_a_parameter_of_the_wrong_shape_is_refused_with_flaxs_error(small):
     """Parameters are read without tracing their initialisers (layers._param); the shape is still checked."""
-    import flax
-
     model, variables, x = small
     flat = traverse_util.flatten_dict(variables["params"], sep="/")
     flat["inception3a/branch2_1/conv/kernel"] = jnp.zeros((3, 3, 96, 127))
@@ -238,12 +237,14 @@ def test_a_parameter_of_the_wrong_shape_is_refused_with_flaxs_error(small):
 @pytest.mark.parametrize("train", [True, False])
 def test_inception_block_equals_torchvisions_with_its_1x1_convolutions_merged(train):
     """On the CPU's kernels an inception block in training computes its three 1x1 convolutions of x as one
-    product with one batch norm (`Inception._merged_1x1`), in eval each on its own. Against torchvision's own
+    product with one batch norm (`ops.merged.merged_1x1`, as `ops.plan.merged_1x1` chooses), in eval each on its
+    own. Against torchvision's own
     Inception block in float64, with batch norm's parameters and running statistics drawn at random: outputs,
     the running statistics after a train forward, and the gradients of x and of every parameter."""
     from torchvision.models.googlenet import Inception as TorchInception
 
     from jax_googlenet.model import VARIANTS, Inception
+    from jax_googlenet.ops import plan
 
     spec = (64, 96, 128, 16, 32, 32)
     torch.manual_seed(0)
@@ -282,8 +283,10 @@ def test_inception_block_equals_torchvisions_with_its_1x1_convolutions_merged(tr
             out, updated = model.apply({"params": p, **variables}, x, train=train, mutable=["batch_stats"])
             return jnp.sum(jnp.square(out)), (out, updated)
 
-        (_, (out, updated)), (dp, dx) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
-            traverse_util.unflatten_dict(params), jnp.asarray(x.detach().permute(0, 2, 3, 1).numpy()))
+        with plan.recording() as rows:
+            (_, (out, updated)), (dp, dx) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+                traverse_util.unflatten_dict(params), jnp.asarray(x.detach().permute(0, 2, 3, 1).numpy()))
+        assert [r.forward for r in rows].count("merged dot") == (1 if train else 0)
         np.testing.assert_allclose(out, y.detach().permute(0, 2, 3, 1).numpy(), rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(dx, x.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-9, atol=1e-9)
         dp = traverse_util.flatten_dict(dp)

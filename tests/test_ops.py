@@ -1,5 +1,9 @@
 """The convolution, pooling and normalisation kernels (jax_googlenet.ops) against torch's own functions: each
-implementation's forward and gradients, with the thresholds at which the CPU path switches kernels crossed."""
+implementation's forward and gradients, with the thresholds at which the CPU path switches kernels crossed; and
+the kernel plan (jax_googlenet.ops.plan): the kernel it chooses for every layer, that the model runs what it
+chooses, and its command line."""
+
+import fnmatch
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from jax_googlenet import ops
-from jax_googlenet.ops import conv, conv2d, local_response_norm, max_pool, norm, winograd
+from jax_googlenet import googlenet, ops
+from jax_googlenet.ops import __main__ as ops_main
+from jax_googlenet.ops import conv2d, local_response_norm, max_pool, norm, plan, winograd
 
 
 def forward_and_grads(conv, x, w, g):
@@ -42,9 +47,8 @@ def assert_conv_equals_torch(rng, batch: int, side: int, k: int, stride: int, pa
 
 @pytest.mark.parametrize("batch, side", [(1, 9), (3, 17), (4, 16)])
 def test_strided_convolution_and_its_gradients_equal_torchs_conv2d(batch, side):
-    """The CPU path's strided convolution (conv1's 7x7/2: XLA's forward and input gradient, the weight gradient
-    summed over chunks of images in a scan; batches of 1, 3 (odd: chunks of one) and 4) against
-    torch.nn.functional.conv2d, forward and both gradients, in float64."""
+    """The CPU path's strided convolution (conv1's 7x7/2: XLA's convolution and its autodiff backward; batches
+    of 1, 3 and 4) against torch.nn.functional.conv2d, forward and both gradients, in float64."""
     assert_conv_equals_torch(np.random.default_rng(batch * side), batch, side, 7, 2, 3)
 
 
@@ -61,9 +65,9 @@ def test_slices_convolution_and_its_gradients_equal_torchs_conv2d(side, k, pad):
                                           (9, 5, 2)])
 def test_winograd_path_and_its_gradients_equal_torchs_conv2d(side, k, pad, monkeypatch):
     """impl="winograd": dense products on maps smaller than the kernel (1x1 and 2x2 for 3x3, 4x4 for 5x5),
-    F(m x m, k x k) where conv.WINOGRAD's tiles divide the output (F4 on 12, F2 on 6), the slices path
+    F(m x m, k x k) where plan.WINOGRAD's tiles divide the output (F4 on 12, F2 on 6), the slices path
     elsewhere (3, and 9 for 5x5); float64, to 1e-12. (The inputs' 3 channels pass WINOGRAD_MIN_CHANNELS here.)"""
-    monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 3)
+    monkeypatch.setattr(plan, "WINOGRAD_MIN_CHANNELS", 3)
     assert_conv_equals_torch(np.random.default_rng(side * k + pad), 2, side, k, 1, pad, "winograd")
 
 
@@ -81,14 +85,14 @@ def test_winograd_keeps_the_direct_convolution_in_bfloat16(monkeypatch):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 20, 20, 3)), jnp.bfloat16)
     w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.bfloat16)
-    monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 3)
-    assert conv.winograd_tile(3, 20, 20, 3) is not None
+    monkeypatch.setattr(plan, "WINOGRAD_MIN_CHANNELS", 3)
+    assert plan.winograd_tile(3, 20, 20, 3) is not None
     np.testing.assert_array_equal(np.asarray(conv2d(x, w, 1, 1, "winograd"), np.float32),
                                   np.asarray(conv2d(x, w, 1, 1, "slices"), np.float32))
 
 
-# (output side, input channels, output channels) of the torchvision variant's 3x3 convolutions at 224 that
-# conv.WINOGRAD sends to Winograd: conv3, inception 3a and 3b (F4), inception 4a and 4e (F2).
+# (output side, input channels, output channels) of some of the torchvision variant's 3x3 convolutions at 224
+# that the plan sends to Winograd: conv3, inception 3a and 3b (F4), inception 4a and 4e (F2).
 LAYERS_224 = [(56, 64, 192), (28, 96, 128), (28, 128, 192), (14, 96, 208), (14, 160, 320)]
 
 
@@ -97,7 +101,7 @@ def test_winograd_float32_error_on_the_networks_layer_shapes_is_bounded(side, ci
     """Relative error (Frobenius) of the float32 forward and both gradients against a float64 reference, on
     inputs like the network's (ReLU outputs, He-scaled kernel): at most 1e-5 (measured up to 3e-6 for
     F(4x4, 3x3); XLA's own float32 convolution 1e-6)."""
-    assert conv.winograd_tile(3, side, side, cin) is not None
+    assert plan.winograd_tile(3, side, side, cin) is not None
     rng = np.random.default_rng(side + cin)
     x = np.maximum(rng.normal(size=(1, side, side, cin)), 0)
     w = rng.normal(size=(3, 3, cin, cout)) * np.sqrt(2 / (9 * cin))
@@ -197,3 +201,157 @@ def test_compiler_options_choose_xlas_own_dots_and_convolutions_from_64_pixels_i
                         compiler_options=options).lower(x, w).compile()
             assert ("ynn_fusion" in f.as_text()) == ynn
             np.testing.assert_allclose(f(x, w), ref, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+
+# The kernel of every layer of the torchvision variant (impl "auto" on the CPU, float32), "forward / backward",
+# the layers as fnmatch patterns of the plan's names: recorded from the model before the choices moved into the
+# plan, so the plan keeps every layer's kernel. Every layer matches exactly one pattern.
+TRAIN_COMMON = {
+    "xla conv / xla conv (autodiff)": "conv1",
+    "dot / dots (autodiff)": "conv2 inception*/branch4_1 aux?/conv",
+    "merged dot / dots (autodiff)": "inception*/branch1+branch2_0+branch3_0",
+    "shifted slices / first-max spread": "maxpool?",
+    "shifted slices / first-max shifted views": "inception*/branch4_0",
+}
+EVAL_COMMON = {"xla conv": "conv1", "dot": "conv2 inception*/branch1 inception*/branch[23]_0 inception*/branch4_1",
+               "shifted slices": "maxpool? inception*/branch4_0"}
+F4, F2 = "winograd F(4x4,3x3)", "winograd F(2x2,3x3)"
+XLA_KXK = "xla conv / xla weight grad + shifted-view input grad"
+IM2COL_KXK = "im2col dot / im2col weight grad + shifted-view input grad"
+TODAY = {
+    (16, 224): {f"{F4} / {F4}": "conv3 inception3?/branch2_1", f"{F2} / {F2}": "inception4?/branch2_1",
+                XLA_KXK: "inception3?/branch3_1 inception4?/branch3_1", IM2COL_KXK: "inception5?/branch[23]_1"},
+    (64, 96): {f"{F4} / {F4}": "conv3 inception3?/branch2_1", f"{F2} / {F2}": "inception4?/branch2_1",
+               XLA_KXK: "inception3?/branch3_1", IM2COL_KXK: "inception4?/branch3_1 inception5?/branch[23]_1"},
+    (64, 32): {f"{F4} / {F4}": "conv3 inception3?/branch2_1", IM2COL_KXK: "inception3?/branch3_1",
+               "dense product / dots (autodiff)": "inception4?/branch[23]_1 inception5?/branch[23]_1"},
+}
+PLAN_CASES = [pytest.param(16, 224, marks=pytest.mark.slow), pytest.param(64, 96, marks=pytest.mark.slow), (64, 32)]
+
+
+def kernels_run(jaxpr) -> list[str]:
+    """The kernels a traced forward runs, in order, read off its jaxpr: each custom VJP by its backward's name
+    (`_conv_kxk_bwd` with the kind of its forward, `_winograd_bwd` with its tile), XLA's convolutions,
+    reduce_window max pools and dots."""
+    found = []
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "custom_vjp_call":
+            bwd, inner = eqn.params["bwd"].f.__name__, eqn.params["call_jaxpr"].jaxpr
+            prims = {e.primitive.name: e for e in inner.eqns}
+            if bwd == "_conv_kxk_bwd":
+                bwd += " xla" if "conv_general_dilated" in prims else " im2col"
+            if bwd == "_winograd_bwd":  # F(m x m, 3x3) multiplies at (m + 2)^2 positions
+                bwd += f" {int(prims['dot_general'].invars[0].aval.shape[0] ** 0.5) - 2}"
+            found.append(bwd)
+        elif name in ("conv_general_dilated", "reduce_window_max", "dot_general"):
+            found.append(name)
+        else:
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else [value]:
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        found += kernels_run(sub)
+    return found
+
+
+@pytest.fixture(scope="module")
+def traced_plans():
+    """{(batch, side, mode): (the plan's rows, the kernels the traced forward runs)}, each traced once."""
+    cache = {}
+
+    def trace(batch, side, mode):
+        if (batch, side, mode) not in cache:
+            model = googlenet(num_classes=10)
+            x = jax.ShapeDtypeStruct((batch, side, side, 3), jnp.float32)
+            variables = jax.eval_shape(model.init, jax.random.key(0), x)
+            with plan.recording() as rows:
+                jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=mode == "train", mutable=["batch_stats"],
+                                                                rngs={"dropout": jax.random.key(0)}))(variables, x)
+            cache[batch, side, mode] = rows, kernels_run(jaxpr.jaxpr)
+        return cache[batch, side, mode]
+
+    return trace
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("batch, side", PLAN_CASES)
+def test_the_plan_chooses_todays_kernel_for_every_layer(traced_plans, batch, side, mode):
+    """Every conv and max pool of the train step and of the eval forward at 16/224, 64/96 and 64/32 gets the
+    kernel in TODAY (forward and, in training, backward); `network_plan` gives the same rows."""
+    rows, _ = traced_plans(batch, side, mode)
+    want = dict(TRAIN_COMMON)
+    if mode == "eval":  # the forward alone, and the 1x1 convolutions each on its own
+        want = dict(EVAL_COMMON)
+    for label, patterns in TODAY[batch, side].items():
+        label = label.split(" / ")[0] if mode == "eval" else label
+        want[label] = f"{want.get(label, '')} {patterns}"
+    assert len(rows) == (54 if mode == "train" else 70)
+    matched = set()
+    for row in rows:
+        labels = [label for label, patterns in want.items()
+                  if any(fnmatch.fnmatchcase(row.name, p) for p in patterns.split())]
+        got = row.forward if mode == "eval" else f"{row.forward} / {row.backward}"
+        assert labels == [got], f"{row.name}: {got}, expected {labels}"
+        matched.add(got)
+    assert matched == set(want)
+    assert plan.network_plan(side, batch, mode=mode) == rows
+    if (side, mode) == (224, "train"):  # the layers whose float32 error test_winograd_float32_error... bounds
+        winograd = {(r.shape[1], r.shape[3]) for r in rows if r.forward.startswith("winograd")}
+        assert {(side, cin) for side, cin, _ in LAYERS_224} <= winograd
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("batch, side", PLAN_CASES)
+def test_the_model_runs_the_kernels_the_plan_lists(traced_plans, batch, side, mode):
+    """The kernels in the traced forward's jaxpr, in order, are the plan's rows' kernels: custom VJPs by their
+    backward's name, XLA's primitives by theirs. Dots are counted: the plan's 1x1, merged and dense products
+    plus the classifiers' (fc; in training each aux head's fc1, fc2 and adaptive pool's two)."""
+    rows, run = traced_plans(batch, side, mode)
+    as_run = {"xla conv": "conv_general_dilated", "reduce_window": "reduce_window_max",
+              "shifted slices": "_window_max_bwd", F4: "_winograd_bwd 4", F2: "_winograd_bwd 2",
+              "dot": "dot_general", "merged dot": "dot_general", "dense product": "dot_general",
+              "im2col dot": "_conv_kxk_bwd im2col"}
+    expected = [as_run[r.forward] for r in rows]
+    # a stride-1 k x k convolution with XLA's forward runs inside conv_kxk's custom VJP
+    expected = [("_conv_kxk_bwd xla" if r.forward == "xla conv" and r.backward.startswith(("xla weight", "-"))
+                 and r.op.startswith("conv 3x3/1") else e) for r, e in zip(rows, expected)]
+    not_dots = lambda names: [n for n in names if n not in ("dot_general", "_batch_norm_bwd")]  # noqa: E731
+    assert not_dots(run) == not_dots(expected)
+    classifiers = 1 + (2 * 4 if mode == "train" else 0)
+    assert run.count("dot_general") == expected.count("dot_general") + classifiers
+
+
+def test_the_plan_prints_each_layers_kernels(capsys):
+    """`python -m jax_googlenet.ops --eval` prints the options the step compiles with and one line per layer."""
+    assert ops_main.main(["--image-size", "32", "--batch-size", "8", "--eval"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "torchvision, 8 x 32 x 32, eval, float32, impl 'auto' = 'winograd' on cpu"
+    assert out[1].startswith("compiled with {}: XLA:CPU's default")
+    assert out[2].split() == ["layer", "input", "(NHWC)", "op", "forward", "backward"]
+    assert out[6].split() == ["conv3", "8x8x8x64", "conv", "3x3/1", "->", "192", "winograd", "F(4x4,3x3)", "-"]
+    assert len(out) == 3 + 70
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image-size", "14"], "--image-size 14: the 'torchvision' variant with aux heads takes at least 15 pixels"),
+    (["--backend", "tpu"], "argument --backend: invalid choice: 'tpu'"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--image-size", "big"], "argument --image-size: invalid int value: 'big'"),
+])
+def test_the_plans_command_refuses_a_bad_flag_in_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        ops_main.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"python -m jax_googlenet.ops: error: {message}")
+
+
+def test_the_plan_for_the_gpu_is_xlas_kernels_and_no_options():
+    """On the GPU, impl "auto" is "xla": XLA's convolution and reduce_window for every layer, no options."""
+    rows = plan.network_plan(32, 2, mode="train", backend="gpu")
+    assert {(r.forward, r.backward) for r in rows} == {("xla conv", "xla conv (autodiff)"),
+                                                       ("reduce_window", "reduce_window (autodiff)")}
+    assert plan.compiler_options(224, backend="gpu") == {}

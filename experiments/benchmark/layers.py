@@ -3,8 +3,8 @@ PyTorch's, forward and forward + backward, so a gap in the whole step can be tra
 
     python -m experiments.benchmark.layers --batch-size 16 --image-size 224 --impls slices,winograd --markdown t.md
 
-The layers and their input shapes are read off the model itself (its `Conv` modules and `max_pool` calls during
-one abstract forward). Each layer runs jitted on random data: forward, then forward and the gradients the train
+The layers and their input shapes are read off the model itself (the kernel plan's record of one abstract
+forward, `jax_googlenet.ops.plan.recording`). Each layer runs jitted on random data: forward, then forward and the gradients the train
 step needs (input and kernel; conv1's kernel only, as the step drops the image's gradient); PyTorch runs the same
 layer as `torch.nn.functional.conv2d` / `max_pool2d` on channels_last tensors, eager. Both frameworks get the
 same thread count; times are medians of --repeats calls after a warm-up, the calls rotated each repeat.
@@ -29,38 +29,20 @@ from jax_googlenet.ops import xla_kernels
 
 
 def model_layers(image_size: int, batch: int) -> list[dict]:
-    """Every Conv (name, input shape, kernel, stride, padding) and max pool (input shape, window, stride, mode,
-    pad) of the torchvision variant, in forward order, from an abstract forward pass."""
-    import flax.linen as nn
-
-    from jax_googlenet import googlenet, layers, model as model_module
-    from jax_googlenet.ops import pool
-
-    found = []
-
-    def record_conv(next_fun, args, kwargs, context):
-        if isinstance(context.module, layers.Conv) and context.method_name == "__call__":
-            m = context.module
-            found.append({"kind": "conv", "name": "/".join(m.scope.path[:-1]), "shape": tuple(args[0].shape),
-                          "k": m.kernel_size, "features": m.features, "stride": m.stride, "padding": m.padding})
-        return next_fun(*args, **kwargs)
-
-    original = model_module.max_pool
-
-    def record_pool(x, window, stride, mode, pad=0, impl="xla"):
-        found.append({"kind": "pool", "name": f"pool {window}x{window}/{stride}", "shape": tuple(x.shape),
-                      "window": window, "stride": stride, "mode": mode, "pad": pad})
-        return original(x, window, stride, mode, pad=pad, impl=impl)
+    """Every conv (name, input shape, kernel, features, stride, padding) and max pool (input shape, window, stride,
+    mode, pad) of the torchvision variant's inference forward, in order, as the kernel plan records them during
+    one abstract forward."""
+    from jax_googlenet import googlenet
+    from jax_googlenet.ops import plan
 
     net = googlenet("torchvision", aux_logits=False)
-    model_module.max_pool = record_pool
-    try:
-        with nn.intercept_methods(record_conv):
-            jax.eval_shape(lambda: net.init_with_output(jax.random.key(0), jnp.zeros((batch, image_size,
-                                                                                       image_size, 3))))
-    finally:
-        model_module.max_pool = original
-    del pool
+    with plan.recording() as rows:
+        jax.eval_shape(lambda: net.init_with_output(jax.random.key(0), jnp.zeros((batch, image_size, image_size, 3))))
+    found = []
+    for row in rows:
+        spec = dict(row.spec)
+        name = row.name if row.kind == "conv" else f"pool {spec['window']}x{spec['window']}/{spec['stride']}"
+        found.append({"kind": row.kind, "name": name, "shape": row.shape, **spec})
     return found
 
 

@@ -4,13 +4,14 @@ normalisation (its Figure 3: after the stem's first pool and after conv3).
 Batch norm in training (`batch_norm_train`): the forward's statistics are the two-pass ones, the mean and then the
 mean of (x - mean)^2; XLA writes x - mean once and shares it with the backward, which computes it again from x; the
 normalised output is left to XLA to fuse into its consumer. XLA:CPU runs the sums as YNNPACK fusions, which take no
-broadcast subtraction inside, so a shifted one-pass variance (the sums of x less its first position) writes its
-shifted copy as well: one pass over memory more per layer, for the same speed in the step (benchmarks/NOTES.md,
-H12). The custom backward reads x - mean and the gradient once for sum(g) and sum(g * (x - mean)) and once to write
-dx. Alone, batch norm + ReLU forward and backward at conv1's output (16 x 112 x 112 x 64) took 42 ms against
-autodiff's 80, at 16 x 28 x 28 x 256 7 against 11; in the 16/224 train step, where XLA fuses autodiff's passes with
-their neighbours, the same speed, 3% less CPU time and 2-5 s less compile (benchmarks/NOTES.md, "The step beyond
-the convolutions", H2). Both reductions are plain sums: one variadic reduce computing the two ran 1.5-3x slower.
+broadcast subtraction inside, so a one-pass variance would write a shifted copy of x as well: one pass over memory
+more per layer for the same speed (benchmarks/NOTES.md, "XLA's own dots, conv1's weight gradient, batch norm's
+statistics, the strided pools' backward"). The custom backward reads x - mean and the gradient once for sum(g) and
+sum(g * (x - mean)) and once to write dx: batch norm + ReLU forward and backward at conv1's output
+(16 x 112 x 112 x 64) takes 42 ms against autodiff's 80, at 16 x 28 x 28 x 256 7 against 11; in the 16/224 train
+step, where XLA fuses autodiff's passes with their neighbours, the same speed, 3% less CPU time and 2-5 s less
+compile (benchmarks/NOTES.md, "The step beyond the convolutions: host memory, batch norm"). Both reductions are
+plain sums, which XLA:CPU runs 1.5-3x faster than one variadic reduce computing the two.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ def batch_norm_apply(x, mean, var, scale, bias, epsilon: float, dtype):
     training forward's with the batch's, evaluation's with the running ones."""
     mul = scale.astype(mean.dtype) * lax.rsqrt(var + epsilon)
     return (x.astype(dtype) - mean.astype(dtype)) * mul.astype(dtype) + bias.astype(dtype)
+
+
+def update_running_stats(ra_mean, ra_var, mean, var, n: int, momentum: float):
+    """torch's running statistics after a batch of `n` positions with biased variance `var`: each
+    momentum * running + (1 - momentum) * batch, the variance taken unbiased (n / (n - 1))."""
+    return (momentum * ra_mean + (1 - momentum) * mean,
+            momentum * ra_var + (1 - momentum) * var * (n / max(n - 1, 1)))
 
 
 def _sums(d, e):

@@ -1,11 +1,11 @@
 """Pooling: max pool (torch's ceil/floor mode or TensorFlow's SAME) and torch's adaptive average pool.
 
-Max pool, by `impl` (see `jax_googlenet.ops`): "xla" is `reduce_window`, whose backward XLA:CPU expands into
-iota, reduce-window and scatter (a third of the train step on the CPU); "slices", the CPU's path, is the
-elementwise maximum of the window's shifted slices with a custom backward that routes each gradient to the
-window's first maximum (torch's rule, tested on ties against torch) in one fused elementwise pass: 1.38x the
-train step at 16/224 (benchmarks/NOTES.md, "A custom VJP for the slices max pool"); for strided pools that pass
-is one pad per window offset (`_spread_strided`, NOTES.md H21).
+Two max pool kernels; which one computes a layer is `jax_googlenet.ops.plan`'s choice:
+- `max_pool_reduce_window`: XLA's `reduce_window`, whose autodiff backward XLA:CPU expands into iota,
+  reduce-window and scatter;
+- `max_pool_slices`: the elementwise maximum of the window's shifted slices, with a custom backward that routes
+  each gradient to the window's first maximum (torch's rule, tested on ties against torch) in one fused
+  elementwise pass; for strided pools that pass is one pad per window offset (`_spread_strided`).
 """
 
 from __future__ import annotations
@@ -92,11 +92,11 @@ def _spread_strided(g, idx, window: int, stride: int, shape):
     """The strided pool's input gradient: for each window offset k, the outputs' gradient where k is the first
     argmax, placed at the inputs that offset reads by one pad (low edge k's row and column, interior stride - 1),
     the window*window pads summed: one pass over output-sized arrays, no interior-padded copy of the gradient or
-    the argmax written. Alone, pool1's forward + backward at batch 16/224 took 12-14 ms this way against 44 for
-    the shifted views of an interior-padded gradient (PyTorch's 18.8); in the train step +2% at 16/224 and 64/96
-    (benchmarks/NOTES.md, H21). The sum runs in a `lax.cond` on a predicate that always holds (an argmax is never
-    negative) but that XLA cannot fold: XLA keeps a conditional's operands as written arrays, where otherwise it
-    fused the argmax and the gradient's own computation into every pad term and the step ran 17-20% slower."""
+    the argmax written (pool1's forward + backward at batch 16/224 takes 12-14 ms, PyTorch's 18.8; benchmarks/
+    NOTES.md, "XLA's own dots, conv1's weight gradient, batch norm's statistics, the strided pools' backward").
+    The sum runs in a `lax.cond` on a predicate that always holds (an argmax is never negative) but that XLA
+    cannot fold: XLA keeps a conditional's operands as written arrays; without it XLA fuses the argmax and the
+    gradient's own computation into every pad term and the step runs 17-20% slower."""
     h, w = shape[1:3]
     ho, wo = g.shape[1:3]
 
@@ -119,12 +119,16 @@ def _spread_strided(g, idx, window: int, stride: int, shape):
 _window_max.defvjp(_window_max_fwd, _window_max_bwd)
 
 
-def max_pool(x, window: int, stride: int, mode: str, pad: int = 0, impl: str = "xla"):
-    """Max pool over H and W with torch's ceil/floor mode or TensorFlow's SAME, padding with -inf; "xla" or
-    "slices" as the module docstring says."""
+def max_pool_reduce_window(x, window: int, stride: int, mode: str, pad: int = 0):
+    """Max pool over H and W (torch's ceil/floor mode or TensorFlow's SAME, padding with -inf) as XLA's
+    reduce_window."""
     pads = [pool_padding(n, window, stride, pad, mode) for n in x.shape[1:3]]
-    if impl == "xla":
-        return nn.max_pool(x, (window, window), (stride, stride), padding=pads)
+    return nn.max_pool(x, (window, window), (stride, stride), padding=pads)
+
+
+def max_pool_slices(x, window: int, stride: int, mode: str, pad: int = 0):
+    """The same max pool as the maximum of shifted slices, with the first-maximum custom backward."""
+    pads = [pool_padding(n, window, stride, pad, mode) for n in x.shape[1:3]]
     x = jax.lax.pad(x, jnp.array(-jnp.inf, x.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)])
     return _window_max(x, window, stride)
 

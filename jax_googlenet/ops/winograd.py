@@ -10,9 +10,9 @@ Two choices, both measured (benchmarks/NOTES.md, "Winograd convolution"):
 - the transforms are two passes (rows, then columns) over strided views of the map, each written as sparse
   additions that compute the halves of each +-p pair of interpolation points once, or, for the data transform,
   as multiply-adds against broadcast columns of the matrix (`FORMS`);
-- the pipeline runs over the whole batch at once: over chunks of a few images in a loop, so that each chunk's
-  transform-domain arrays stayed in cache, it was as fast or slower in the train step and compiled 2 s longer
-  once malloc keeps freed blocks (`jax_googlenet.host_memory`; NOTES.md, "The step beyond the convolutions", H5).
+- the pipeline runs over the whole batch at once, the form XLA:CPU runs the train step and compiles it fastest
+  in once malloc keeps freed blocks (`jax_googlenet.host_memory`; NOTES.md, "The step beyond the convolutions:
+  host memory, batch norm").
 Float32 error (tests/test_ops.py bounds it per layer shape): the relative error against a float64 reference is
 up to 6e-7 with F(2x2, 3x3) and 3e-6 with F(4x4, 3x3), against 1e-6 for XLA's convolution.
 """
