@@ -55,6 +55,8 @@ CONFIG_FLAGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmu
                 "backbone_lr_scale", "image_size", "resize_size", "crop_scale", "hflip", "init", "seed", "dtype",
                 "data", "data_dir", "val_fraction", "val_split", "bad_images")
 FREE = ("data", "data_dir", "bad_images")
+# The fields every run's config.json holds (later ones, e.g. the data's sizes, are checked where present).
+STORED = (*DEFAULTS, "classes", "transform_input")
 
 
 def parse_args(argv):
@@ -123,6 +125,7 @@ def parse_args(argv):
     for flag, path in (("--init", args.init), ("--evaluate", args.evaluate)):
         if path is not None and not Path(path).exists():
             raise UsageError(f"{flag} {path}: no such file or directory")
+        start.check_weights_file(flag, path)
     if args.data is None and not args.resume:
         raise UsageError("--data is required: folder:DIR or tfds:NAME")
     if args.evaluate and args.resume:
@@ -138,7 +141,7 @@ def make_config(args, stored: dict | None) -> dict:
         if getattr(args, key) is not None:
             given[key] = getattr(args, key)
     if stored is not None:
-        return rundir.resume_config(stored, given, args.workdir, free=FREE)
+        return rundir.resume_config(stored, given, args.workdir, free=FREE, required=STORED)
     cfg = {**DEFAULTS, **given}
     if cfg["resize_size"] is None:
         cfg["resize_size"] = round(cfg["image_size"] * 256 / 224)
@@ -159,32 +162,36 @@ def workers(args) -> int:
 
 
 def run(args) -> float:
-    """Train and evaluate; returns the final top-1 accuracy."""
-    job = set_up(args)
-    try:
-        accuracy = loop.train_and_evaluate(job)
-    finally:  # also on a signal's exit
-        job.train_batches.close()
-    save_final_model(job)
-    return accuracy
-
-
-def set_up(args) -> loop.Job:
-    """Set up or restore: the config, mesh, data, state and steps of the run in --workdir."""
+    """Train and evaluate in the run's directory, claimed first, then write model/; returns the final top-1
+    accuracy."""
     start.start_process(args)
-    workdir, stored = rundir.open_workdir(args.workdir, args.resume)
+    with rundir.claimed(args.workdir, args.resume, "finetune") as (workdir, stored):
+        job = set_up(args, workdir, stored)
+        try:
+            accuracy = loop.train_and_evaluate(job)
+        finally:  # also on a signal's exit
+            job.train_batches.close()
+        save_final_model(job)
+        return accuracy
+
+
+def set_up(args, workdir: Path, stored: dict | None) -> loop.Job:
+    """Set up or restore: the config, mesh, data, state and steps of the run in `workdir` (`stored`: its config
+    on --resume)."""
     cfg = make_config(args, stored)
     check_sizes(cfg)
     dataset = load_data(cfg)
-    if stored is not None and dataset.classes != cfg["classes"]:
-        raise UsageError(f"--resume: the run in {args.workdir} was trained on {len(cfg['classes'])} classes "
-                         f"({', '.join(cfg['classes'][:3])} ...), --data {cfg['data']} has {len(dataset.classes)} "
-                         f"({', '.join(dataset.classes[:3])} ...)")
-    cfg["classes"] = dataset.classes
+    sizes = {"train_size": len(dataset.train), "test_size": len(dataset.val)}
+    if stored is not None:
+        if dataset.classes != cfg["classes"]:
+            raise UsageError(f"--resume: the run in {workdir} was trained on {len(cfg['classes'])} classes "
+                             f"({', '.join(cfg['classes'][:3])} ...), --data {cfg['data']} has "
+                             f"{len(dataset.classes)} ({', '.join(dataset.classes[:3])} ...)")
+        rundir.check_same_data(stored, sizes, workdir, cfg["data"])
+    cfg.update(classes=dataset.classes, **sizes)
     if len(dataset.train) < cfg["batch_size"]:
         raise UsageError(f"--batch-size {cfg['batch_size']} is larger than the {len(dataset.train)} training "
                          f"images")
-    workdir = workdir or rundir.new_workdir("finetune")
     mesh = start.make_mesh(args.devices, cfg["batch_size"])
     steps_per_epoch = pipeline.steps_per_epoch(len(dataset.train), cfg["batch_size"])
 
@@ -236,7 +243,10 @@ def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead
         from convert import read_pretrained
 
         # torchvision builds its pretrained GoogLeNet with transform_input=True: those weights expect it.
-        source, _ = _read_init(init, read_pretrained, init)
+        try:
+            source, _ = read_pretrained(init)
+        except (ValueError, OSError) as e:  # not a state dict, a directory without a model
+            raise UsageError(f"--init {init}: {str(e).splitlines()[0]}") from None
         transform_input, origin = (True if source is None else source.transform_input), f"from {init}"
     else:
         transform_input, origin = False, "from scratch"
@@ -251,17 +261,8 @@ def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead
     state = train.create_train_state(rng, model, (1, size, size, 3), start.make_optimizer(cfg, steps_per_epoch))
     if init is not None:
         # The heads start fresh for the dataset's classes, whatever their number.
-        state = _read_init(init, functools.partial(start.warm_start, fresh=train.HEADS), init, model, state)
+        state = start.warm_start(init, model, state, fresh=train.HEADS)
     return state, transform_input
-
-
-def _read_init(init: str, fn, *args):
-    """`fn(*args)` reading --init's weights, their errors (not a state dict, another architecture, nothing to
-    transfer) as usage errors."""
-    try:
-        return fn(*args)
-    except (ValueError, OSError) as e:
-        raise UsageError(f"--init {init}: {str(e).splitlines()[0]}") from None
 
 
 def make_steps(cfg: dict, dropout_rng, mesh):

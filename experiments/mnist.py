@@ -86,12 +86,15 @@ def parse_args(argv):
     cli.check_run_flags(args, positive=("epochs", "batch_size", "image_size"))
     if args.init is not None and not Path(args.init).is_file():
         raise UsageError(f"--init {args.init}: no such file")
+    start.check_weights_file("--init", args.init)
     return args
 
 
 # Flags that are config fields (None: not given).
 CONFIG_FLAGS = ("variant", "epochs", "batch_size", "lr", "momentum", "image_size", "seed", "dtype", "data",
                 "data_dir")
+# The fields every run's config.json holds (later ones, e.g. the data's sizes, are checked where present).
+STORED = ("preset", *PRESETS["quick"], "seed", "dtype", "data", "data_dir")
 # Config fields whose values have been renamed (jax_googlenet.model.RENAMED); a run written before holds the old.
 RENAMED_FIELDS = ("preset", "variant", "loss_mode")
 
@@ -108,7 +111,7 @@ def make_config(args, stored: dict | None) -> dict:
         given["preset"] = args.preset
     if stored is not None:
         return rundir.resume_config(current_names(stored, args.workdir), given, args.workdir,
-                                  free=("data", "data_dir"))
+                                    free=("data", "data_dir"), required=STORED)
     preset = given.get("preset") or default_preset()
     print(f"preset: {preset} ({'--preset' if args.preset else 'the default on this JAX backend'})", flush=True)
     return {"preset": preset, **PRESETS[preset], "seed": 0, "dtype": "float32", "data": "auto", "data_dir": None,
@@ -126,22 +129,26 @@ def current_names(stored: dict, workdir: str) -> dict:
 
 
 def run(args) -> float:
-    """Train and evaluate; returns the final test accuracy."""
-    return loop.train_and_evaluate(set_up(args))
-
-
-def set_up(args) -> loop.Job:
-    """Set up or restore: the config, mesh, data, state and steps of the run in --workdir, its state restored from
-    the latest checkpoint on --resume."""
+    """Train and evaluate in the run's directory, claimed first; returns the final test accuracy."""
     start.start_process(args)
-    workdir, stored = rundir.open_workdir(args.workdir, args.resume)
+    default = f"mnist-{args.preset or default_preset()}"
+    with rundir.claimed(args.workdir, args.resume, default) as (workdir, stored):
+        return loop.train_and_evaluate(set_up(args, workdir, stored))
+
+
+def set_up(args, workdir: Path, stored: dict | None) -> loop.Job:
+    """Set up or restore: the config, mesh, data, state and steps of the run in `workdir`, its state restored
+    from the latest checkpoint on --resume (`stored`: its config)."""
     cfg = make_config(args, stored)
-    workdir = workdir or rundir.new_workdir(f"mnist-{cfg['preset']}")
     check_image_size(cfg)
     mesh = start.make_mesh(args.devices, cfg["batch_size"])
 
     dataset = data.load_mnist(cfg["data"], cfg["data_dir"])
     print(f"dataset: {dataset.name}", flush=True)
+    sizes = {"train_size": len(dataset.train), "test_size": len(dataset.test)}
+    if stored is not None:
+        rundir.check_same_data(stored, sizes, workdir, cfg["data"])
+    cfg.update(sizes)
     batch_size = cfg["batch_size"]
     steps_per_epoch = data.steps_per_epoch(len(dataset.train), batch_size)
     if steps_per_epoch == 0:
@@ -154,8 +161,8 @@ def set_up(args) -> loop.Job:
     job = loop.Job(
         cfg=cfg, workdir=workdir, mesh=mesh, state=distributed.replicate(state, mesh),
         steps_per_epoch=steps_per_epoch, train_step=train_step, eval_step=eval_step,
-        train_batches=lambda epoch, start: data.train_batches(dataset.train, global_batch=batch_size,
-                                                              seed=cfg["seed"], epoch=epoch, start_step=start),
+        train_batches=lambda epoch, first: data.train_batches(dataset.train, global_batch=batch_size,
+                                                              seed=cfg["seed"], epoch=epoch, start_step=first),
         eval_batches=lambda: data.eval_batches(dataset.test, global_batch=batch_size), lead=lead)
     loop.restore_or_start(job, args.resume)
     return job

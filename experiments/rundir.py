@@ -1,19 +1,21 @@
-"""A run's directory: opening it (a new run or `--resume`), its config, atomic writes, its orbax checkpoints,
-and the signals that stop a run with a checkpoint saved.
+"""A run's directory: claiming it (a new run or `--resume`, one run at a time), its config, atomic writes, its
+orbax checkpoints, and the signals that stop a run with a checkpoint saved.
 
-Layout: config.json (the flat config, written once when the run starts), metrics.jsonl, checkpoints/<step>
-(orbax, the last MAX_TO_KEEP), and the job's own files beside them.
+Layout: run.lock (while a run holds the directory), config.json (the flat config, written once when the run
+starts), metrics.jsonl, checkpoints/<step> (orbax, the last MAX_TO_KEEP), and the job's own files beside them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -23,24 +25,85 @@ from experiments.cli import UsageError
 MAX_TO_KEEP = 3  # checkpoints kept
 
 
-def open_workdir(workdir: str | None, resume: bool) -> tuple[Path | None, dict | None]:
-    """(the run directory, its stored config): the config on `resume`, which needs one; a new run refuses a
-    directory that already holds a run."""
-    path = Path(workdir) if workdir else None
-    if resume:
-        config = path / "config.json"
-        if not config.is_file():
-            raise UsageError(f"--resume: {path} holds no run (no config.json)")
-        return path, json.loads(config.read_text())
-    if path is not None and (path / "config.json").exists():
-        raise UsageError(f"--workdir {path} already holds a run; add --resume to continue it or choose "
-                         f"another --workdir")
-    return path, None
+LOCK = "run.lock"  # holds the pid of the run that has the directory, locked (flock) for that run's life
 
 
-def resume_config(stored: dict, given: dict, workdir: str | Path, *, free: tuple[str, ...] = ()) -> dict:
+@contextlib.contextmanager
+def claimed(workdir: str | None, resume: bool, default: str) -> Iterator[tuple[Path, dict | None]]:
+    """(the run directory, its stored config on `resume`), the directory locked for this run while the block
+    runs: --workdir, or a new runs/<default>-<time>-<pid>. A directory another run holds, a new run in one that
+    holds a run (config.json) or checkpoints without a config, and --resume where there is no run are refused
+    before anything is written; a directory this call created and the run left without a config.json is
+    removed again."""
+    path = Path(workdir) if workdir else new_workdir(default)
+    if resume and not (path / "config.json").is_file():
+        raise UsageError(f"--resume: {path} holds no run (no config.json)")
+    created = not path.exists()
+    lock = _lock(path) if jax.process_index() == 0 else None  # process 0 claims for the run
+    try:
+        if resume:
+            yield path, read_config(path)
+            return
+        if (path / "config.json").exists():
+            raise UsageError(f"--workdir {path} already holds a run; add --resume to continue it or choose "
+                             f"another --workdir")
+        if (path / "checkpoints").is_dir() and any((path / "checkpoints").iterdir()):
+            raise UsageError(f"--workdir {path} holds checkpoints but no config.json; left as it is: choose "
+                             f"another --workdir")
+        yield path, None
+    finally:
+        if lock is not None:
+            (path / LOCK).unlink(missing_ok=True)  # still held: a run that opened it meanwhile retries (_lock)
+            os.close(lock)
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the run started
+                path.rmdir()
+
+
+def _lock(path: Path) -> int:
+    """An exclusive flock on path/LOCK, this pid written in it; another holder is one line naming its pid."""
+    path.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UsageError(f"--workdir {path} is in use by another run (pid {holder}); wait for it to end or "
+                             f"choose another --workdir") from None
+        try:
+            same = os.stat(path / LOCK).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file its last holder removed after we opened it
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+def read_config(path: Path) -> dict:
+    """The stored config.json of the run in `path`: a JSON object, else one line."""
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"--resume: {path / 'config.json'} is not JSON ({str(e).splitlines()[0]}); it was not "
+                         f"written by this job") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"--resume: {path / 'config.json'} holds a {type(cfg).__name__}, not a run's config (a "
+                         f"JSON object)")
+    return cfg
+
+
+def resume_config(stored: dict, given: dict, workdir: str | Path, *, free: tuple[str, ...] = (),
+                  required: tuple[str, ...] = ()) -> dict:
     """The stored config of a run to resume, with the given flags: each must agree with it, but those in `free`
-    (e.g. where the data lives), which replace the stored values."""
+    (e.g. where the data lives), which replace the stored values; the stored one has every `required` key."""
+    missing = [k for k in required if k not in stored]
+    if missing:
+        raise UsageError(f"--resume: {Path(workdir) / 'config.json'} lacks {', '.join(missing)}; it was not "
+                         f"written by this job")
     for key, value in given.items():
         if key not in free and stored.get(key) != value:
             flag = "--" + key.replace("_", "-")
@@ -50,10 +113,21 @@ def resume_config(stored: dict, given: dict, workdir: str | Path, *, free: tuple
 
 
 def new_workdir(name: str) -> Path:
-    """runs/<name>-<date>-<time>; a multi-process run must name one on a filesystem every process shares."""
+    """runs/<name>-<date>-<time>-<pid>, unique to the process; a multi-process run must name one on a
+    filesystem every process shares."""
     if jax.process_count() > 1:
         raise UsageError("a multi-process run needs --workdir, on a filesystem every process shares")
-    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def check_same_data(stored: dict, sizes: dict[str, int], workdir: Path, data: str) -> None:
+    """On --resume, the data has the stored config's training and test sizes (which fix the steps per epoch
+    and the learning-rate schedule); a config without them predates their keeping."""
+    before = {k: stored[k] for k in sizes if k in stored}
+    if before and before != {k: sizes[k] for k in before}:
+        raise UsageError(f"--resume: the run in {workdir} was trained on {stored.get('train_size')} training and "
+                         f"{stored.get('test_size')} test images; --data {data} has {sizes['train_size']} and "
+                         f"{sizes['test_size']}")
 
 
 def write_config(workdir: Path, cfg: dict) -> None:

@@ -3,6 +3,8 @@ optimizer, the line naming the kernels, and weights to warm-start from."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 
 from jax_googlenet import compilation_cache, distributed, host_memory, train
@@ -51,6 +53,17 @@ def kernels(model, cfg: dict) -> str:
             f"backend), {xla_kernels(cfg['image_size'], cfg['dtype'])}")
 
 
+def check_weights_file(flag: str, path: str | None) -> None:
+    """A weights file given to `flag` is a PyTorch state dict by its first bytes (torch.save's zip archive or
+    a pickle), checked before any data is read; a directory is read later (a checkpoint directory)."""
+    if path is None or not Path(path).is_file():
+        return
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise UsageError(f"{flag} {path}: not a PyTorch state dict (.pth: torch.save's zip archive or a pickle)")
+
+
 def warm_start(path: str, model, state, *, fresh: tuple[tuple[str, ...], ...] = ()):
     """`state` with its parameters and BatchNorm statistics filled from pretrained GoogLeNet weights (a .pth or
     a checkpoint directory) wherever shapes allow, but for the `fresh` modules (`convert.load_pretrained`, which
@@ -59,7 +72,10 @@ def warm_start(path: str, model, state, *, fresh: tuple[tuple[str, ...], ...] = 
         from convert import load_pretrained
     except ImportError as e:
         raise UsageError(f"--init needs convert.load_pretrained and torch ({e})") from None
-    variables = load_pretrained(path, model, {"params": state.params, "batch_stats": state.batch_stats},
-                                fresh=fresh)
+    try:
+        variables = load_pretrained(path, model, {"params": state.params, "batch_stats": state.batch_stats},
+                                    fresh=fresh)
+    except (ValueError, OSError) as e:  # not a state dict, another architecture, nothing to transfer
+        raise UsageError(f"--init {path}: {str(e).splitlines()[0]}") from None
     print(f"initialised from {path}", flush=True)
     return state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}))

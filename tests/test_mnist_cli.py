@@ -3,6 +3,7 @@ after a real SIGTERM, and one clear line for each bad input. Runs call `main(arg
 all share one persistent compilation cache so the train step compiles once for the module."""
 
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -241,6 +242,75 @@ def test_resume_with_another_variant_or_shape_is_refused(started, capsys, argv, 
 def test_a_used_workdir_needs_resume(env, started, capsys):
     rc, _, err = run_main(["--data", env["data"], "--workdir", str(started), *TINY], capsys)
     assert rc == 2 and "already holds a run; add --resume" in err
+
+
+def test_a_second_run_on_a_held_workdir_is_one_line_naming_the_holder(env, tmp_path, capsys):
+    """A running job holds an exclusive lock on run.lock in its directory, its pid inside (the kernel releases
+    it when the holder dies); a second run there is refused before it reads any data, and changes nothing."""
+    with open(tmp_path / "run.lock", "w") as holder:  # a run in progress
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write(f"{os.getpid()}\n")
+        holder.flush()
+        rc, out, err = run_main(["--data", env["data"], "--workdir", str(tmp_path), *TINY], capsys)
+        assert (tmp_path / "run.lock").read_text() == f"{os.getpid()}\n"
+    assert rc == 2 and err.strip() == (f"error: --workdir {tmp_path} is in use by another run (pid {os.getpid()}); "
+                                       f"wait for it to end or choose another --workdir")
+    assert "dataset:" not in out and sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]
+
+
+def test_default_workdirs_are_unique_to_the_process():
+    """Two runs started in the same second without --workdir get directories of their own."""
+    name = rundir.new_workdir("mnist-quick").name
+    assert name.startswith("mnist-quick-") and name.endswith(f"-{os.getpid()}")
+
+
+def test_a_workdir_with_checkpoints_but_no_config_is_refused_and_never_pruned(env, tmp_path, capsys):
+    for step in (6, 12, 18, 24):  # more than the run keeps: a new run's retention would delete the oldest
+        (tmp_path / "checkpoints" / str(step)).mkdir(parents=True)
+        (tmp_path / "checkpoints" / str(step) / "state").write_text(f"state {step}")
+    rc, _, err = run_main(["--data", env["data"], "--workdir", str(tmp_path), *TINY], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert f"--workdir {tmp_path} holds checkpoints but no config.json" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["12", "18", "24", "6"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "config.json is not JSON"),
+    ("[1, 2]", "config.json holds a list, not a run's config"),
+    ('{"epochs": 3}', "config.json lacks"),
+])
+def test_resume_on_a_broken_config_is_one_line(tmp_path, capsys, text, message):
+    (tmp_path / "config.json").write_text(text)
+    rc, _, err = run_main(["--resume", "--workdir", str(tmp_path)], capsys)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_resume_on_data_of_another_size_is_refused_naming_both(env, started, capsys):
+    """config.json keeps the dataset's size: the steps per epoch and the learning-rate schedule follow it."""
+    cfg = json.loads((started / "config.json").read_text())
+    (started / "config.json").write_text(json.dumps({**cfg, "train_size": 40, "test_size": 20}))
+    rc, _, err = run_main(["--resume", "--workdir", str(started)], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert (f"--resume: the run in {started} was trained on 40 training and 20 test images; --data {env['data']} "
+            f"has 48 and 20") in err
+
+
+@pytest.mark.slow
+def test_the_config_keeps_the_datasets_size(uninterrupted):
+    workdir, _ = uninterrupted
+    cfg = json.loads((workdir / "config.json").read_text())
+    assert (cfg["train_size"], cfg["test_size"]) == (48, 20)
+
+
+def test_init_given_a_text_file_is_one_line_before_any_data_is_read(env, tmp_path, capsys):
+    (tmp_path / "weights.pth").write_text("not a state dict")
+    rc, out, err = run_main(["--data", env["data"], "--workdir", str(tmp_path / "w"), *TINY,
+                             "--init", str(tmp_path / "weights.pth")], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert f"--init {tmp_path / 'weights.pth'}: not a PyTorch state dict" in err
+    assert "dataset:" not in out and not (tmp_path / "w").exists()
 
 
 @pytest.mark.slow
