@@ -4,6 +4,7 @@ the grain pipelines over them (jax_googlenet.data.pipeline)."""
 
 import math
 import os
+import struct
 from unittest import mock
 
 import numpy as np
@@ -305,3 +306,101 @@ def test_an_unreadable_image_is_reported_once_and_skipped_or_stops(tmp_path, cap
     assert mask.sum() == 7 and len(mask) == 9 and "bad" not in rows[0]
     with pytest.raises(data.DataError, match=r"1\.png: cannot read the image .*pass --bad-images skip"):
         list(transforms.BadImages(source, stop=True)(batches()))
+
+
+def test_an_unreadable_image_in_a_training_batch_is_refilled_with_a_readable_one(tmp_path):
+    """The skipped row counts for nothing in the loss (mask False) and, holding another image of its batch rather
+    than a blank, shifts no BatchNorm statistics towards zero."""
+    root = write_folder(tmp_path / "data", ["a", "b"], per_class=4)
+    (root / "a" / "2.png").write_bytes(b"not an image")
+    _, paths, labels = folder.list_folder(root)
+    source = folder.FolderSource(paths, labels)
+    train = lambda r, rng: transforms.train_transform(r, rng, size=8)  # noqa: E731
+    [batch] = transforms.BadImages(source, stop=False)(
+        pipeline.train_batches(source, global_batch=8, seed=0, start_step=0, stop_step=1, random_transform=train))
+    assert batch["mask"].sum() == 7
+    (bad,) = np.flatnonzero(~batch["mask"])
+    readable = [batch["image"][i].tobytes() for i in np.flatnonzero(batch["mask"])]
+    assert batch["image"][bad].any() and batch["image"][bad].tobytes() in readable
+
+
+# ----------------------------------------------------------------------------------------------- hostile images
+
+
+def test_the_folder_formats_are_pils_names_for_the_listed_extensions():
+    registered = Image.registered_extensions()
+    assert set(folder.FORMATS) == {registered[ext] for ext in folder.IMG_EXTENSIONS}
+
+
+def test_an_image_is_decoded_only_as_a_format_its_folder_lists(tmp_path):
+    """A GIF (or an EPS, which PIL hands to Ghostscript) named .png is not decoded by its content."""
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "x.png", format="GIF")
+    source = folder.FolderSource([str(tmp_path / "x.png")], [0])
+    assert source[0]["image"] is None
+    with pytest.raises(Image.UnidentifiedImageError):
+        source.read(0)
+
+
+@pytest.mark.parametrize("error", [TypeError, OverflowError, MemoryError, struct.error])
+def test_any_decoder_exception_makes_an_unreadable_image(tmp_path, monkeypatch, capsys, error):
+    """Mutated TIFFs raise TypeError or OverflowError from PIL's decoders; whatever it raises, the image is
+    skipped and reported."""
+    write_folder(tmp_path / "data", ["a", "b"], per_class=1)
+    _, paths, labels = folder.list_folder(tmp_path / "data")
+    source = folder.FolderSource(paths, labels)
+
+    def broken(*args, **kwargs):
+        raise error("broken")
+
+    monkeypatch.setattr(Image.Image, "convert", broken)
+    assert source[0]["image"] is None
+    transforms.BadImages(source, stop=False).report(0)
+    assert f"cannot read the image ({error.__name__}: broken); skipped" in capsys.readouterr().err
+
+
+def test_the_decoded_size_is_checked_from_the_header_before_decoding(tmp_path, monkeypatch, capsys):
+    write_folder(tmp_path / "data", ["a", "b"], per_class=1, side=40)  # 40 x 40 = 1,600 pixels
+    _, paths, labels = folder.list_folder(tmp_path / "data")
+    assert folder.FolderSource(paths, labels, max_pixels=1600)[0]["image"].size == (40, 40)
+    source = folder.FolderSource(paths, labels, max_pixels=1599)
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded an image over the budget"))
+    assert source[0]["image"] is None
+    transforms.BadImages(source, stop=False).report(0)
+    assert "40x40 = 1,600 pixels, more than the budget of 1,599" in capsys.readouterr().err
+
+
+def test_load_images_passes_the_decoded_size_budget_to_the_folder(tmp_path):
+    write_folder(tmp_path / "data", ["a", "b"], per_class=4)
+    ds = data.load_images(f"folder:{tmp_path / 'data'}", val_fraction=0.5, max_pixels=123)
+    assert ds.train.source.max_pixels == ds.val.source.max_pixels == 123
+    assert data.load_images(f"folder:{tmp_path / 'data'}", val_fraction=0.5).train.source.max_pixels == \
+        folder.MAX_PIXELS
+
+
+def resizes(monkeypatch):
+    """The sizes PIL is asked to resize to, call by call."""
+    sizes, resize = [], Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(size) or resize(
+        self, size, *a, **k))
+    return sizes
+
+
+def test_a_1x20000_image_is_resized_only_where_the_centre_crop_keeps_it(monkeypatch):
+    """torchvision's Resize(256) would make it 5,120,000 x 256 (3.9 GB); only the crop's 224 x 224 are made."""
+    sizes = resizes(monkeypatch)
+    record = {"image": Image.new("RGB", (20000, 1), (10, 200, 30)), "label": 0, "index": 0}
+    out = transforms.eval_transform(record, size=224, resize_to=256)["image"]
+    assert out.shape == (224, 224, 3) and (out == (10, 200, 30)).all()
+    assert sizes == [(224, 224)]
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_over_the_resize_budget_the_centre_crop_is_within_one_level_of_torchvisions(name, monkeypatch):
+    """PIL's box= resize computes the kept pixels' filter centres from the box, not the whole image: the same
+    weights to within float rounding, so a pixel may round the other way (measured: 1 level at most)."""
+    image = photo(name)
+    ref = np.asarray(T.Compose([T.Resize(256), T.CenterCrop(224)])(image)).astype(int)
+    sizes = resizes(monkeypatch)
+    ours = transforms.eval_transform({"image": image, "label": 0, "index": 0}, size=224, resize_to=256,
+                                     max_resized_pixels=224 * 224)["image"]
+    assert sizes == [(224, 224)] and np.abs(ours - ref).max() <= 1

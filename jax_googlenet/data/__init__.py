@@ -38,7 +38,7 @@ from jax_googlenet.data.transforms import BadImages, blank, eval_transform, trai
 
 # Each job's --data sources by scheme: "name" is spelled alone, "name:ARG" passes the text after the colon as ARG.
 # An MNIST loader takes (ARG, data_dir); an image loader (ARG, *, data_dir, val_fraction, val_split, seed,
-# evaluate_only), as `load_images` passes them.
+# evaluate_only, max_pixels), as `load_images` passes them.
 MNIST_SOURCES: dict[str, Callable[..., Dataset]] = {
     "auto": lambda _, data_dir: mnist_tfds.load_auto(data_dir),
     "tfds": lambda _, data_dir: mnist_tfds.load_tfds(data_dir),
@@ -47,7 +47,7 @@ MNIST_SOURCES: dict[str, Callable[..., Dataset]] = {
 }
 IMAGE_SOURCES: dict[str, Callable[..., ImageDataset]] = {
     "folder:DIR": lambda directory, *, data_dir, val_split, **kw: folder.load_folder(directory, **kw),
-    "tfds:NAME": tfds_images.load_tfds,
+    "tfds:NAME": lambda name, *, max_pixels, **kw: tfds_images.load_tfds(name, **kw),
 }
 
 
@@ -68,7 +68,8 @@ def load_mnist(spec: str, data_dir: str | None = None) -> Dataset:
 
 
 def load_images(spec: str, *, data_dir: str | None = None, val_fraction: float | None = None,
-                val_split: str | None = None, seed: int = 0, evaluate_only: bool = False) -> ImageDataset:
+                val_split: str | None = None, seed: int = 0, evaluate_only: bool = False,
+                max_pixels: int = folder.MAX_PIXELS) -> ImageDataset:
     """The image dataset of `--data` SPEC, one of `IMAGE_SOURCES`; what it chooses for the user it prints.
 
     Args:
@@ -79,13 +80,15 @@ def load_images(spec: str, *, data_dir: str | None = None, val_fraction: float |
       val_split: the TFDS split to evaluate on (default "validation", else "test").
       seed: the held-out fraction's seed.
       evaluate_only: only the held-out part is needed (folder: DIR/val if present, else DIR itself).
+      max_pixels: the most pixels an image file may decode to (read from its header first); a larger one is
+        unreadable (reported and skipped). TFDS decodes its images itself.
 
     Returns:
       An `ImageDataset`; DataError (one line) for a missing, empty or one-class dataset.
     """
     loader, arg = _source(spec, IMAGE_SOURCES)
     return loader(arg, data_dir=data_dir, val_fraction=val_fraction, val_split=val_split, seed=seed,
-                  evaluate_only=evaluate_only)
+                  evaluate_only=evaluate_only, max_pixels=max_pixels)
 
 
 def _source(spec: str, sources: dict[str, Callable]) -> tuple[Callable, str]:

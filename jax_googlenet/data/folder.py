@@ -1,9 +1,11 @@
 """``folder:DIR``: torchvision's ImageFolder layout, one subfolder per class.
 
-Sorted folder names give the class indices, and the files are the ones ImageFolder reads, in its order; DIR/train
-and DIR/val, or DIR itself with a seeded held-out fraction. An ImageNet validation folder in the synset layout
-(n01440764/, ...) gives torchvision's class order. Every image becomes RGB, grey ones repeated, as torchvision's
-ImageFolder loader converts them.
+Sorted folder names give the class indices, and the files are the ones ImageFolder reads, in its order (but a
+folder reached again through a link is read once); DIR/train and DIR/val, or DIR itself with a seeded held-out
+fraction. An ImageNet validation folder in the synset layout (n01440764/, ...) gives torchvision's class order.
+Every image becomes RGB, grey ones repeated, as torchvision's ImageFolder loader converts them. A file is decoded
+only as one of the listed formats and only when its header gives at most `max_pixels` pixels; else, or when its
+decoder fails in any way, it is unreadable (reported and skipped, see `transforms.BadImages`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,18 @@ import numpy as np
 from jax_googlenet.data.source import DataError, ImageDataset, check_classes, decoded, hold_out
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+# PIL's names for those formats (a .pgm is PPM's): PIL decodes only these, never by content alone (an EPS file
+# named .jpg would run Ghostscript).
+FORMATS = ("BMP", "JPEG", "PNG", "PPM", "TIFF", "WEBP")
+MAX_PIXELS = 89_478_485  # decoded pixels per image: PIL's Image.MAX_IMAGE_PIXELS, where PIL warns of a bomb
 
 
 class FolderSource:
-    """Image files and their labels; item i is {"image": RGB PIL image or None, "label", "index": i}."""
+    """Image files and their labels; item i is {"image": RGB PIL image or None, "label", "index": i}. An image
+    whose header gives more than `max_pixels` pixels is not decoded (it is unreadable)."""
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int]):
-        self.paths, self.labels = list(paths), np.asarray(labels, np.int32)
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], max_pixels: int = MAX_PIXELS):
+        self.paths, self.labels, self.max_pixels = list(paths), np.asarray(labels, np.int32), max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -31,7 +38,13 @@ class FolderSource:
     def read(self, i: int):
         from PIL import Image
 
-        with Image.open(self.paths[i]) as image:
+        if self.max_pixels > (Image.MAX_IMAGE_PIXELS or self.max_pixels):
+            # A raised budget rules: PIL's own check (in Image.open) refuses twice its limit.
+            Image.MAX_IMAGE_PIXELS = self.max_pixels
+        with Image.open(self.paths[i], formats=FORMATS) as image:  # reads the header alone
+            if image.width * image.height > self.max_pixels:
+                raise DataError(f"{image.width}x{image.height} = {image.width * image.height:,} pixels, more than "
+                                f"the budget of {self.max_pixels:,} decoded pixels an image")
             return image.convert("RGB")  # decodes; torchvision's pil_loader does the same
 
     def describe(self, i: int) -> str:
@@ -95,8 +108,8 @@ def _walk(top: Path) -> list[tuple[str, list[str]]]:
     return sorted(found)
 
 
-def load_folder(directory: str, *, val_fraction: float | None = None, seed: int = 0,
-                evaluate_only: bool = False) -> ImageDataset:
+def load_folder(directory: str, *, val_fraction: float | None = None, seed: int = 0, evaluate_only: bool = False,
+                max_pixels: int = MAX_PIXELS) -> ImageDataset:
     """An image folder: DIR/train and DIR/val, or DIR's class folders with a held-out fraction; only the
     held-out part when `evaluate_only` (DIR/val if present, else DIR itself)."""
     root = Path(directory)
@@ -106,14 +119,14 @@ def load_folder(directory: str, *, val_fraction: float | None = None, seed: int 
         val_root = root / "val" if (root / "val").is_dir() else root
         classes, paths, labels = list_folder(val_root)
         print(f"data: evaluating on {val_root} ({len(paths):,} images, {len(classes)} classes)", flush=True)
-        return ImageDataset(f"folder {val_root}", classes, None, FolderSource(paths, labels))
+        return ImageDataset(f"folder {val_root}", classes, None, FolderSource(paths, labels, max_pixels))
     train_root = root / "train" if (root / "train").is_dir() else root
     classes, paths, labels = list_folder(train_root)
     check_classes(classes, f"folder:{directory}")
-    train = FolderSource(paths, labels)
+    train = FolderSource(paths, labels, max_pixels)
     if (root / "val").is_dir() and val_fraction is None:
         _, val_paths, val_labels = list_folder(root / "val", classes)
-        val = FolderSource(val_paths, val_labels)
+        val = FolderSource(val_paths, val_labels, max_pixels)
         how = f"{train_root} / {root / 'val'}"
     else:
         train, val, how = hold_out(train, val_fraction, seed, str(train_root))

@@ -9,8 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from jax_googlenet.data.source import (DataError, ImageDataset, check_classes, decoded, hold_out,
-                                       unreadable_errors)
+from jax_googlenet.data.source import DataError, ImageDataset, check_classes, decoded, hold_out
 
 
 class TfdsSource:
@@ -37,10 +36,10 @@ class TfdsSource:
         return f"tfds:{self.name} {self.split}[{i}]"
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        try:
+        try:  # TFDS decodes the image here
             record = self.source[i]
             label = np.int32(record[self.label_key])
-        except unreadable_errors():
+        except Exception:  # noqa: BLE001 (as `decoded`: unreadable, reported by BadImages)
             return {"image": None, "label": np.int32(0), "index": np.int32(i)}
         return {"image": decoded(lambda: self._image(record)), "label": label, "index": np.int32(i)}
 
