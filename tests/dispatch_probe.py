@@ -19,7 +19,8 @@ def work(x):
         x = jnp.tanh(x @ x)
     return x
 
-step, x = jax.jit(work), jnp.full((1024, 1024), 1e-3, jnp.float32)
+cpu = jax.devices("cpu")[0]  # the setting is the CPU client's, whatever the default backend
+step, x = jax.jit(work), jax.device_put(jnp.full((1024, 1024), 1e-3, jnp.float32), cpu)
 step(x).block_until_ready()
 y = step(x)
 print("step finished when its call returned:", y.is_ready())
