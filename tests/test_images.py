@@ -341,6 +341,23 @@ def test_an_image_is_decoded_only_as_a_format_its_folder_lists(tmp_path):
         source.read(0)
 
 
+# A 4x4 RGB TIFF written by PIL, three bytes changed by a seeded mutation: its StripOffsets tag now claims the
+# DOUBLE type, and PIL's TIFF plugin raises TypeError ('float' object cannot be interpreted as an integer).
+MUTATED_TIFF = bytes.fromhex(
+    "49492a00080000000a00000104000100000004000000010104000100000004003600020103000300000086000000030103000100"
+    "00000100000006010300010000000200000011010c00010000008c00000015010300010000000300000016010400010000000400"
+    "00001701040001000000300000001c010300010000000100000000000000080008000800000102030405060708090a0b0c0d0e0f"
+    "101112131415161718191a1b1c1d1e1f20212223242526272829392b2c2d2e2f")
+
+
+def test_a_mutated_tiff_whose_decoder_raises_type_error_is_skipped_and_reported(tmp_path, capsys):
+    (tmp_path / "broken.tif").write_bytes(MUTATED_TIFF)
+    source = folder.FolderSource([str(tmp_path / "broken.tif")], [0])
+    assert source[0]["image"] is None
+    transforms.BadImages(source, stop=False).report(0)
+    assert "cannot read the image (TypeError: 'float' object cannot be interpreted" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("error", [TypeError, OverflowError, MemoryError, struct.error])
 def test_any_decoder_exception_makes_an_unreadable_image(tmp_path, monkeypatch, capsys, error):
     """Mutated TIFFs raise TypeError or OverflowError from PIL's decoders; whatever it raises, the image is
