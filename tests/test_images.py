@@ -5,6 +5,7 @@ the grain pipelines over them (jax_googlenet.data.pipeline)."""
 import math
 import os
 import struct
+import zlib
 from unittest import mock
 
 import numpy as np
@@ -384,6 +385,29 @@ def test_the_decoded_size_is_checked_from_the_header_before_decoding(tmp_path, m
     assert source[0]["image"] is None
     transforms.BadImages(source, stop=False).report(0)
     assert "40x40 = 1,600 pixels, more than the budget of 1,599" in capsys.readouterr().err
+
+
+def png_claiming(path, width, height):
+    """A 1x1 PNG whose header claims `width` x `height` pixels (its IHDR rewritten, checksum and all)."""
+    Image.new("L", (1, 1)).save(path)
+    raw = bytearray(path.read_bytes())
+    raw[16:24] = struct.pack(">II", width, height)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    path.write_bytes(bytes(raw))
+
+
+def test_a_raised_budget_reaches_past_pils_own_bomb_limit(tmp_path, monkeypatch, capsys):
+    """20000 x 10000 is more than twice PIL's MAX_IMAGE_PIXELS: PIL refuses it on opening unless the budget
+    says otherwise (the decoding itself stood in for: the file holds one pixel)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    monkeypatch.setattr(Image.Image, "convert", lambda self, mode: f"{self.width}x{self.height} decoded")
+    png_claiming(tmp_path / "big.png", 20000, 10000)
+    source = folder.FolderSource([str(tmp_path / "big.png")], [0])
+    assert source[0]["image"] is None
+    transforms.BadImages(source, stop=False).report(0)
+    assert "cannot read the image (DecompressionBombError: " in capsys.readouterr().err
+    raised = folder.FolderSource([str(tmp_path / "big.png")], [0], max_pixels=200_000_000)
+    assert raised[0]["image"] == "20000x10000 decoded"
 
 
 def test_load_images_passes_the_decoded_size_budget_to_the_folder(tmp_path):
