@@ -55,7 +55,8 @@ def test_predict_prints_top5_for_each_image(pth_file, tmp_path, capsys, torchvis
 
 def test_predict_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "x.png").write_text("not an image")
-    assert predict.main(["--weights", str(tmp_path / "missing.pth"), str(tmp_path / "x.png")]) == 1
+    assert predict.main(["--weights", str(tmp_path / "missing.pth"), str(tmp_path / "x.png")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
-    assert predict.main(["--weights", str(tmp_path), str(tmp_path / "x.png")]) == 1
-    assert "cannot read an image" in capsys.readouterr().err
+    assert predict.main(["--weights", str(tmp_path), str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
