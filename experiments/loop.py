@@ -31,7 +31,7 @@ import numpy as np
 
 from experiments import plots, progress
 from experiments.cli import TrainingError
-from experiments.rundir import Checkpoints, StopFlag, exit_stopped, write_atomic, write_config
+from experiments.rundir import Checkpoints, StopFlag, exit_stopped, write_atomic, write_config, write_failed
 from jax_googlenet import compilation_cache, distributed
 
 
@@ -180,10 +180,15 @@ def write_results(job: Job, epoch: int, trained: Trained, tested: dict) -> None:
                         "images_per_second": round(trained.images / seconds, 1)})
     job.checkpoints.save(job.step, job.state, job.history)
     if job.lead:
-        write_atomic(job.workdir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in job.history).encode())
-        plots.curves(job.history, job.workdir / "curves.png")
-        if job.write_details is not None:
-            job.write_details(job.workdir, tested, job.details)
+        try:
+            write_atomic(job.workdir / "metrics.jsonl",
+                         "".join(json.dumps(h) + "\n" for h in job.history).encode())
+            plots.curves(job.history, job.workdir / "curves.png")
+            if job.write_details is not None:
+                job.write_details(job.workdir, tested, job.details)
+        except OSError as e:
+            raise write_failed(f"writing {Path(e.filename or 'results').name}", e, job.workdir,
+                               job.checkpoints.latest_step()) from None
         h = job.history[-1]
         top5 = f" test_top5_accuracy={h['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in h else ""
         print(f"epoch {h['epoch']}: train_loss={h['train_loss']:.4f} test_loss={h['test_loss']:.4f} "

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import json
 import os
+import re
+import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +24,7 @@ from typing import Any, Iterator
 import jax
 import orbax.checkpoint as ocp
 
-from experiments.cli import UsageError
+from experiments.cli import TrainingError, UsageError
 
 MAX_TO_KEEP = 3  # checkpoints kept
 
@@ -41,6 +45,8 @@ def claimed(workdir: str | None, resume: bool, default: str) -> Iterator[tuple[P
     created = not path.exists()
     lock = _lock(path) if jax.process_index() == 0 else None  # process 0 claims for the run
     try:
+        if lock is not None:
+            _remove_leftovers(path)
         if resume:
             yield path, read_config(path)
             return
@@ -137,10 +143,97 @@ def write_config(workdir: Path, cfg: dict) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write a temporary file beside `path`, then rename it: readers never see a half-written file."""
+    """Write a temporary file beside `path`, flushed to the disk, then rename it and flush the directory:
+    readers never see a half-written file, nor after a crash. A failed write leaves `path` as it was and no
+    temporary file (an OSError, `write_failed` makes it one line)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def write_failed(what: str, error: BaseException, workdir: Path, last_step: int | None,
+                 report: str = "") -> TrainingError:
+    """The one line (exit status 1) for a write that failed (a full disk, permission denied): what, why, and
+    what is left to continue from; `report`: what the failing library printed, where the system's reason may
+    be all that names it."""
+    last = f"the last complete checkpoint is {last_step}" if last_step is not None else "no checkpoint is complete"
+    return TrainingError(f"{what} in {workdir} failed ({_reason(error, report)}); {last}; make room there and "
+                         f"continue with --resume --workdir {workdir}")
+
+
+def _reason(error: BaseException, report: str) -> str:
+    """The system's reason for a failed write (strerror): from the error or the errors it arose from, else from
+    an "[Errno N] reason" in the error or `report`, else the error's first line."""
+    seen = error
+    for _ in range(10):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    found = re.search(r"\[Errno \d+\] ([^\]\n\"':]+)", f"{error}\n{report}")
+    return found.group(1).strip() if found else (str(error).splitlines() or [type(error).__name__])[0][:200]
+
+
+def _remove_leftovers(workdir: Path) -> None:
+    """The temporary files of writes a run did not finish (a failure, a kill): write_atomic's and orbax's."""
+    for tmp in workdir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    for tmp in (workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _stderr_held(report: list[str]) -> Iterator[None]:
+    """File descriptor 2 into a pipe while the block runs, written out after it, or appended to `report` if it
+    raised: a failed orbax save reports itself from every thread it ran (hundreds of tracebacks), while its
+    caller says what failed in one line. A pipe, not a file: a full disk cannot refuse it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=_drain, args=(read_end, chunks), daemon=True)
+    reader.start()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    completed = False
+    try:
+        yield
+        completed = True
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the reader reaches its end
+        os.close(saved)
+        reader.join()
+        text = b"".join(chunks).decode(errors="replace")
+        if completed:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        else:
+            report.append(text)
+
+
+def _drain(fd: int, chunks: list[bytes], keep: int = 1 << 20) -> None:
+    """Read `fd` to its end, keeping its first `keep` bytes in `chunks`."""
+    kept = 0
+    with os.fdopen(fd, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(65536):
+            if kept < keep:
+                chunks.append(chunk)
+                kept += len(chunk)
 
 
 class Checkpoints:
@@ -152,15 +245,31 @@ class Checkpoints:
         self.workdir = workdir
         self.manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(),
                                              options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP))
+        self.saved = self.manager.latest_step()
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        """The last complete checkpoint's step."""
+        return self.saved
 
     def save(self, step: int, state, history: list[dict], epoch_so_far: dict | None = None) -> None:
+        """Save and wait for it; a failed write (a full disk, permission denied) is a one-line TrainingError,
+        the last complete checkpoint left as it was."""
         meta = {"history": history} if epoch_so_far is None else {"history": history, "epoch_so_far": epoch_so_far}
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
-        self.manager.wait_until_finished()
+        held = []
+        try:
+            with _stderr_held(held):
+                try:
+                    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                    meta=ocp.args.JsonSave(meta)), force=True)
+                    self.manager.wait_until_finished()
+                except Exception:
+                    with contextlib.suppress(Exception):
+                        self.manager.close()
+                    gc.collect()  # orbax's failed futures report themselves when freed: now, into the held output
+                    raise
+        except Exception as e:  # orbax and tensorstore raise OSError, ValueError or their own on a failed write
+            raise write_failed(f"saving checkpoint {step}", e, self.workdir, self.saved, "".join(held)) from None
+        self.saved = step
 
     def restore(self, state) -> tuple[Any, dict, int]:
         """(state, meta, step) of the latest checkpoint, `state` giving the tree, shapes and shardings."""

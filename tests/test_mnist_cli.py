@@ -313,6 +313,40 @@ def test_init_given_a_text_file_is_one_line_before_any_data_is_read(env, tmp_pat
     assert "dataset:" not in out and not (tmp_path / "w").exists()
 
 
+# Runs the job with the disk full from its second checkpoint on: every file it writes is capped at 1 KiB
+# (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the writes fail with EFBIG) once a complete checkpoint exists.
+DISK_FULL_AFTER_FIRST_CHECKPOINT = """
+import resource, sys
+from experiments import mnist, rundir
+save = rundir.Checkpoints.save
+def save_on_a_full_disk(self, *args, **kwargs):
+    if self.latest_step() is not None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+    return save(self, *args, **kwargs)
+rundir.Checkpoints.save = save_on_a_full_disk
+sys.exit(mnist.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_saving_is_one_line_exit_1_and_the_next_start_continues(env, capsys):
+    workdir = env["root"] / "full"
+    argv = ["--data", env["data"], "--workdir", str(workdir), *TINY]
+    proc = subprocess.run([sys.executable, "-c", DISK_FULL_AFTER_FIRST_CHECKPOINT, *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and proc.stderr.count("error") == 1, proc.stderr[-3000:]
+    assert proc.stderr.rstrip().splitlines()[-1].startswith(
+        f"error: saving checkpoint 12 in {workdir} failed (File too large); the last complete checkpoint is 6")
+    assert [r["epoch"] for r in metrics(workdir)] == [1]  # metrics.jsonl as the last complete epoch left it
+    assert job_runs.latest_checkpoint(workdir)[0] == 6
+
+    rc, out, err = run_main(["--resume", "--workdir", str(workdir)], capsys)
+    assert rc == 0 and "resumed from step 6" in out, err
+    assert [p.name for p in workdir.rglob("*") if "tmp" in p.name] == []  # the failed save's leftovers removed
+    assert [r["epoch"] for r in metrics(workdir)] == [1, 2, 3]
+
+
 @pytest.mark.slow
 def test_nan_loss_stops_with_one_line_and_saves_nothing_bad(env, capsys):
     workdir = env["root"] / "nan"
