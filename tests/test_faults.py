@@ -5,9 +5,18 @@ with exit status 2, one line on stderr, no traceback, nothing written outside th
 
 from __future__ import annotations
 
+import gzip
+import io
+import json
+
 import numpy as np
+import pytest
 
 from experiments import plots
+from jax_googlenet import data
+from jax_googlenet.data import folder, transforms
+
+SEED = 24  # the fuzzer's seed: every run tries the same cases
 
 
 def test_class_names_are_shown_literally_in_the_confusion_plot(tmp_path):
@@ -15,3 +24,143 @@ def test_class_names_are_shown_literally_in_the_confusion_plot(tmp_path):
     path = tmp_path / "confusion.png"
     plots.confusion(np.eye(3), ["price_$5_to_$10", "$", "a_b^c"], path, title="top-1 $1.0000, 3 images")
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+# ------------------------------------------------------------------------------------------------ mutation fuzzer
+
+INTERESTING_BYTES = (0x00, 0x01, 0x7F, 0x80, 0xFF)
+INTERESTING_INTS = (0, 1, 0x7FFF, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF)
+
+
+def mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    """`data` with one to three seeded mutations of the kinds a fuzzer tries: bit flips, interesting bytes, a
+    big-endian or little-endian 32-bit field set to an edge value, a truncation, a chunk deleted or repeated."""
+    out = bytearray(data)
+    for _ in range(int(rng.integers(1, 4))):
+        if not out:
+            break
+        kind = int(rng.integers(6))
+        at = int(rng.integers(len(out)))
+        if kind == 0:
+            for _ in range(int(rng.integers(1, 9))):
+                i = int(rng.integers(len(out)))
+                out[i] ^= 1 << int(rng.integers(8))
+        elif kind == 1:
+            out[at] = INTERESTING_BYTES[int(rng.integers(len(INTERESTING_BYTES)))]
+        elif kind == 2:
+            value = INTERESTING_INTS[int(rng.integers(len(INTERESTING_INTS)))]
+            field = value.to_bytes(4, "big" if rng.random() < 0.5 else "little")
+            out[at:at + 4] = field[:len(out) - at]
+        elif kind == 3:
+            del out[at:]
+        elif kind == 4:
+            del out[at:at + int(rng.integers(1, 64))]
+        else:
+            chunk = out[at:at + int(rng.integers(1, 64))]
+            out[at:at] = chunk * int(rng.integers(1, 4))
+    return bytes(out)
+
+
+def seed_image(fmt: str, mode: str = "RGB") -> bytes:
+    """A small valid image file (9x7, seeded pixels) in PIL format `fmt`."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+IMAGE_SEEDS = [(".png", "PNG", "RGB"), (".png", "PNG", "L"), (".jpg", "JPEG", "RGB"), (".jpg", "JPEG", "L"),
+               (".tif", "TIFF", "RGB"), (".bmp", "BMP", "RGB")]
+
+
+def mutated_images(directory, count: int, rng) -> list:
+    """`count` mutated image files in `directory`, of every seed in turn."""
+    seeds = [(suffix, seed_image(fmt, mode)) for suffix, fmt, mode in IMAGE_SEEDS]
+    paths = []
+    for i in range(count):
+        suffix, seed = seeds[i % len(seeds)]
+        path = directory / f"case{i:03d}{suffix}"
+        path.write_bytes(mutate(seed, rng))
+        paths.append(path)
+    return paths
+
+
+# PIL warns of the damage it reads past (corrupt EXIF, truncated TIFF tags); those files still load or are skipped.
+quiet_pil = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")
+
+
+@quiet_pil
+def test_mutated_images_load_or_are_skipped_and_every_transform_gives_its_crop(tmp_path, capsys):
+    """Through the folder source, both transforms and the bad-image report: a mutated image decodes, or is an
+    unreadable row (mask False) reported in one line; never an exception."""
+    rng = np.random.default_rng(SEED)
+    paths = mutated_images(tmp_path, 300, rng)
+    source = folder.FolderSource([str(p) for p in paths], [0] * len(paths))
+    report = transforms.BadImages(source, stop=False)
+    unreadable = 0
+    for i in range(len(source)):
+        record = source[i]
+        for row in (transforms.eval_transform(record, size=8, resize_to=10),
+                    transforms.train_transform(record, rng, size=8)):
+            assert row["image"].shape == (8, 8, 3) and row["image"].dtype == np.uint8, paths[i]
+            assert bool(row["mask"]) == (record["image"] is not None), paths[i]
+        if record["image"] is None:
+            unreadable += 1
+            report.report(i)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == unreadable and all("cannot read the image" in line for line in lines)
+    assert 0 < unreadable < len(paths)  # the fuzzer reaches both sides
+
+
+@quiet_pil
+def test_mutated_images_given_to_predict_are_read_or_one_unreadable_image_error(tmp_path):
+    """predict's reader: an image array, or UnreadableImage (one line naming the file)."""
+    from experiments.predict import UnreadableImage, read_image
+
+    rng = np.random.default_rng(SEED + 1)
+    for path in mutated_images(tmp_path, 200, rng):
+        try:
+            image = read_image(path)
+        except UnreadableImage as e:
+            assert str(path) in str(e) and "\n" not in str(e)
+        else:
+            assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+
+
+def write_mnist_idx(directory, gz: bool) -> None:
+    """Four small IDX files (4 training, 2 test digits), gzipped or not."""
+    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 4), ("test", 2)):
+        images, labels = data.IDX_FILES[split]
+        suffix = ".gz" if gz else ""
+        data.write_idx(directory / f"{images}{suffix}", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        data.write_idx(directory / f"{labels}{suffix}", rng.integers(0, 10, n, dtype=np.uint8))
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzip"])
+def test_mutated_idx_files_load_or_raise_data_error(tmp_path, gz):
+    """One of the four files mutated (a gzipped one in its compressed bytes or in its content): load_idx gives
+    the digits or DataError, never another exception."""
+    rng = np.random.default_rng(SEED + gz)
+    outcomes = {"loaded": 0, "DataError": 0}
+    for case in range(120):
+        directory = tmp_path / f"case{case:03d}"
+        write_mnist_idx(directory, gz)
+        target = sorted(directory.iterdir())[int(rng.integers(4))]
+        raw = target.read_bytes()
+        if gz and case % 2:
+            target.write_bytes(gzip.compress(mutate(gzip.decompress(raw), rng), mtime=0))
+        else:
+            target.write_bytes(mutate(raw, rng))
+        try:
+            dataset = data.load_idx(str(directory))
+        except data.DataError as e:
+            assert "\n" not in str(e)
+            outcomes["DataError"] += 1
+        else:
+            assert dataset.train[0]["image"].shape == (28, 28, 1)
+            outcomes["loaded"] += 1
+    assert outcomes["DataError"] > 0 and outcomes["loaded"] > 0, outcomes
