@@ -164,3 +164,61 @@ def test_mutated_idx_files_load_or_raise_data_error(tmp_path, gz):
             assert dataset.train[0]["image"].shape == (28, 28, 1)
             outcomes["loaded"] += 1
     assert outcomes["DataError"] > 0 and outcomes["loaded"] > 0, outcomes
+
+
+WEIRD_VALUES = (None, "", "x", -1, 0, 1, 2**70, 1e308, float("nan"), True, [], {}, [1, 2], {"a": 1}, "quick",
+                "../../etc", "idx:/nonexistent")
+
+
+def mutate_json(text: str, rng, kind: str) -> bytes:
+    """A JSON object's text with one seeded mutation of `kind`: "bytes" (`mutate`), "structure" (a key deleted or
+    added, or the object replaced by another JSON value) or "values" (a value replaced by a weird one)."""
+    if kind == "bytes":
+        return mutate(text.encode(), rng)
+    obj = json.loads(text)
+    keys = sorted(obj)
+    key = keys[int(rng.integers(len(keys)))]
+    weird = WEIRD_VALUES[int(rng.integers(len(WEIRD_VALUES)))]
+    if kind == "values":
+        obj[key] = weird
+    elif rng.random() < 0.4:
+        del obj[key]
+    elif rng.random() < 0.5:
+        obj["unknown_key"] = weird
+    else:
+        obj = weird
+    return json.dumps(obj).encode()
+
+
+def one_line_exit_2(rc, err) -> bool:
+    return rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["bytes", "structure"])
+def test_mutated_run_configs_are_one_line_and_exit_2_on_resume(tmp_path, capsys, kind):
+    """`--resume` on a run whose config.json is mutated: the config's checks, then the data (missing here) are
+    one line and exit 2; the run directory is left as it was."""
+    from experiments import mnist
+
+    config = mnist.make_config(mnist.parse_args([]), None)
+    config.update(train_size=48, test_size=20)
+    text = json.dumps(config, indent=1)
+    rng = np.random.default_rng(SEED + len(kind))
+    failures = []
+    for case in range(150):
+        workdir = tmp_path / f"case{case:03d}"
+        workdir.mkdir()
+        stored = mutate_json(text, rng, kind)
+        (workdir / "config.json").write_bytes(stored)
+        argv = ["--resume", "--workdir", str(workdir), "--data", f"idx:{tmp_path / 'no-data'}",
+                "--no-compile-cache", "--system-malloc"]
+        try:
+            rc = mnist.main(argv)
+        except BaseException as e:  # noqa: BLE001 (a case that escapes is the finding)
+            rc = f"{type(e).__name__}: {e}"
+        err = capsys.readouterr().err
+        if not one_line_exit_2(rc, err):
+            failures.append(f"{stored[:200]!r}: {rc} {err[-300:]}")
+        assert [p.name for p in workdir.iterdir()] == ["config.json"]
+        assert (workdir / "config.json").read_bytes() == stored
+    assert not failures, "\n".join(failures)
