@@ -22,6 +22,7 @@ from flax import traverse_util
 
 from convert.torchvision import infer_config, load_state_dict, state_dict_to_flat, torchvision_to_flax
 from jax_googlenet.checkpoint import load_model
+from jax_googlenet.fold import fold_batch_norm_flat as fold_batch_norm
 from jax_googlenet.layers import BatchNorm
 from jax_googlenet.model import googlenet
 
@@ -34,19 +35,6 @@ def _flat_source(pretrained: Mapping[str, Any]) -> dict[tuple, np.ndarray]:
         return {p: np.asarray(v) for p, v in traverse_util.flatten_dict(dict(pretrained)).items()}
     naming = "writeup" if any(k.startswith("ince_") for k in pretrained) else "torchvision"
     return {p: a for p, (_, a) in state_dict_to_flat(pretrained, naming).items()}
-
-
-def fold_batch_norm(flat: dict[tuple, np.ndarray], eps: float = BN_EPSILON) -> dict[tuple, np.ndarray]:
-    """Each conv followed by a BatchNorm becomes one conv with a bias computing the same eval-mode function."""
-    out = {p: v for p, v in flat.items() if "bn" not in p}
-    for path in flat:
-        if path[0] == "params" and path[-2:] == ("bn", "scale"):
-            mod = path[1:-2]
-            mul = flat[path] / np.sqrt(flat[("batch_stats", *mod, "bn", "var")] + eps)
-            out[("params", *mod, "conv", "kernel")] = flat[("params", *mod, "conv", "kernel")] * mul
-            out[("params", *mod, "conv", "bias")] = (flat[("params", *mod, "bn", "bias")]
-                                                     - flat[("batch_stats", *mod, "bn", "mean")] * mul)
-    return out
 
 
 def adapt_input_conv(kernel: np.ndarray, in_channels: int) -> np.ndarray:

@@ -48,7 +48,8 @@ def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], dtype: Dt
 
 class Conv(nn.Module):
     """2-D convolution with an HWIO `kernel` (and optional `bias`), torch-style symmetric padding; computed by
-    the kernel `jax_googlenet.ops.plan` chooses for `impl`, the shape, dtype and `mode` ("train" or "eval")."""
+    the kernel `jax_googlenet.ops.plan` chooses for `impl`, the shape, dtype and `mode` ("train", "eval", or
+    "folded": with the bias and a ReLU, relu(conv(x) + bias))."""
 
     features: int
     kernel_size: int
@@ -68,6 +69,9 @@ class Conv(nn.Module):
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         chosen = plan.conv(x.shape, kernel.shape, self.stride, self.padding, x.dtype, self.impl, mode,
                            "/".join(self.scope.path[:-1]))
+        if mode == "folded":  # the kernel adds the bias and applies the ReLU
+            return chosen.run(x, kernel, _param(self, "bias", bias_init, (self.features,), self.param_dtype)
+                              .astype(self.dtype))
         y = chosen.run(x, kernel)
         if self.use_bias:
             y = y + _param(self, "bias", bias_init, (self.features,), self.param_dtype).astype(self.dtype)

@@ -109,9 +109,9 @@ def check_variant(name: str) -> Variant:
     raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
 
 
-def _mode(train: bool) -> str:
+def _mode(train: bool, folded: bool = False) -> str:
     """The kernel plan's mode for a forward pass (`jax_googlenet.ops.plan`)."""
-    return "train" if train else "eval"
+    return "train" if train else ("folded" if folded else "eval")
 
 
 class GoogLeNetOutputs(NamedTuple):
@@ -126,7 +126,8 @@ class GoogLeNetOutputs(NamedTuple):
 
 
 class BasicConv(nn.Module):
-    """conv -> [BatchNorm] -> ReLU; submodules `conv` and `bn` as in torchvision's BasicConv2d."""
+    """conv -> [BatchNorm] -> ReLU; submodules `conv` and `bn` as in torchvision's BasicConv2d. Folded: one
+    conv with a bias (`jax_googlenet.fold`)."""
 
     features: int
     kernel_size: int
@@ -136,13 +137,16 @@ class BasicConv(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     impl: str = "xla"
+    folded: bool = False  # conv with the BatchNorm folded in, bias and ReLU computed by the conv's kernel
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         v = self.variant
-        x = Conv(self.features, self.kernel_size, self.stride, self.padding, use_bias=not v.batch_norm,
+        x = Conv(self.features, self.kernel_size, self.stride, self.padding, use_bias=self.folded or not v.batch_norm,
                  init=v.init, dtype=self.dtype, param_dtype=self.param_dtype, impl=self.impl,
-                 name="conv")(x, mode=_mode(train))
+                 name="conv")(x, mode=_mode(train, self.folded))
+        if self.folded:
+            return x
         if v.batch_norm:
             x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x, train=train)
         return nn.relu(x)
@@ -156,17 +160,20 @@ class Inception(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     impl: str = "xla"
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         ch1, ch3r, ch3, ch5r, ch5, pool_proj = self.spec
         v = self.variant
         conv = lambda f, k, name: BasicConv(f, k, v, padding=k // 2, dtype=self.dtype,  # noqa: E731
-                                            param_dtype=self.param_dtype, impl=self.impl, name=name)
+                                            param_dtype=self.param_dtype, impl=self.impl, folded=self.folded,
+                                            name=name)
         reductions = (("branch1", ch1), ("branch2_0", ch3r), ("branch3_0", ch5r))
         path = "/".join(self.scope.path)
         merged = None if self.is_initializing() else plan.merged_1x1(
-            x.shape, [f for _, f in reductions], self.impl, _mode(train), f"{path}/branch1+branch2_0+branch3_0")
+            x.shape, [f for _, f in reductions], self.impl, _mode(train, self.folded),
+            f"{path}/branch1+branch2_0+branch3_0")
         if merged is not None:
             b1, r2, r3 = merged.run(self, x, reductions, self.dtype, v.batch_norm, BatchNorm.epsilon,
                                     BatchNorm.momentum)
@@ -177,7 +184,7 @@ class Inception(nn.Module):
         b3 = conv(ch5, v.branch3_kernel, "branch3_1")(r3, train=train)
         # stride-1 3x3 pool with padding 1 keeps the size in every mode; torch index 0 is this pool.
         p = max_pool(x, 3, 1, "ceil" if v.pool_mode == "same" else v.pool_mode, pad=1, impl=self.impl,
-                     mode=_mode(train), name=f"{path}/branch4_0")
+                     mode=_mode(train, self.folded), name=f"{path}/branch4_0")
         if v.branch4_relu:
             p = nn.relu(p)  # the write-up's ReLU after the pool; a no-op on ReLU outputs, kept to be exact
         b4 = conv(pool_proj, 1, "branch4_1")(p, train=train)
@@ -192,6 +199,7 @@ class InceptionAux(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     impl: str = "xla"
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -201,7 +209,7 @@ class InceptionAux(nn.Module):
         else:
             x = nn.avg_pool(x, (5, 5), (3, 3))  # N x 4 x 4 x C from 14x14 (paper), 3 x 3 from 12x12 (writeup)
         x = BasicConv(128, 1, v, dtype=self.dtype, param_dtype=self.param_dtype, impl=self.impl,
-                      name="conv")(x, train=train)
+                      folded=self.folded, name="conv")(x, train=train)
         # NHWC flatten; the converter permutes fc1's rows from torch's NCHW order.
         x = x.reshape(x.shape[0], -1)
         fc = lambda f, x, name: dense(f, x.shape[-1], v.init, self.dtype, self.param_dtype, name)(x)  # noqa: E731
@@ -222,6 +230,8 @@ class GoogLeNet(nn.Module):
     aux2)` (aux None when `aux_logits=False`), updates `batch_stats` (apply with `mutable=["batch_stats"]`) and
     needs a "dropout" rng. `init(rng, x)` creates every parameter, the aux heads included.
     `features(x, *, train=False)`: a dict of the named stage outputs and the pooled 1024-d `pre_logits`.
+    `folded=True` (`jax_googlenet.fold.folded`): inference only, on variables whose BatchNorms are folded into
+    the convolutions (`jax_googlenet.fold.fold_batch_norm`).
     """
 
     variant: Variant = VARIANTS["torchvision"]
@@ -232,14 +242,17 @@ class GoogLeNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     impl: str = "auto"
+    folded: bool = False
 
     @nn.compact
     def _forward(self, x, train: bool, heads: bool):
         v = self.variant
+        if train and self.folded:
+            raise ValueError("a folded GoogLeNet computes inference only: apply it with train=False")
         want_aux = self.aux_logits and heads and (train or self.is_initializing())
         check_input(v, x.shape, self.in_channels, want_aux)
         impl = resolve_impl(self.impl)
-        kw = dict(variant=v, dtype=self.dtype, param_dtype=self.param_dtype, impl=impl)
+        kw = dict(variant=v, dtype=self.dtype, param_dtype=self.param_dtype, impl=impl, folded=self.folded)
         feats = {}
         if self.transform_input:
             # torchvision: undo ImageNet normalisation, redo it as (x - 0.5) / 0.5, the weights' original input.
@@ -279,7 +292,7 @@ class GoogLeNet(nn.Module):
         paper 3x3/2, the write-up 3x3/2 twice: 14 -> 6 -> 2 at 224 input)."""
         windows = self.variant.maxpool4 if name == "maxpool4" else ((3, 2),)
         for i, (window, stride) in enumerate(windows):
-            x = max_pool(x, window, stride, self.variant.pool_mode, impl=impl, mode=_mode(train),
+            x = max_pool(x, window, stride, self.variant.pool_mode, impl=impl, mode=_mode(train, self.folded),
                          name=f"{name}_{i}" if i else name)
         return x
 

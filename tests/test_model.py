@@ -298,3 +298,27 @@ def test_inception_block_equals_torchvisions_with_its_1x1_convolutions_merged(tr
             path, leaf = flax_path(key)
             if leaf.startswith("running"):
                 np.testing.assert_allclose(after[(*path, names[leaf])], value.numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["torchvision", "writeup"])
+def test_folded_variables_have_the_folded_models_structure(variant):
+    """`fold_batch_norm` gives each conv a bias and drops every BatchNorm: the tree a folded model creates."""
+    from jax_googlenet.fold import fold_batch_norm, folded
+
+    model = googlenet(variant, num_classes=10, in_channels=1)
+    x = jnp.zeros((1, 224, 224, 1))
+    variables = abstract_init(model, channels=1)
+    got = jax.eval_shape(fold_batch_norm, variables)
+    want = jax.eval_shape(folded(model).init, KEY, x)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    assert jax.tree.map(lambda a: a.shape, got) == jax.tree.map(lambda a: a.shape, want)
+
+
+def test_a_folded_model_refuses_to_train():
+    from jax_googlenet.fold import folded
+
+    model = folded(googlenet(num_classes=10, in_channels=1))
+    x = jnp.zeros((2, 32, 32, 1))
+    variables = jax.eval_shape(model.init, KEY, x)
+    with pytest.raises(ValueError, match="^a folded GoogLeNet computes inference only: apply it with train=False"):
+        jax.eval_shape(lambda v: model.apply(v, x, train=True, rngs={"dropout": KEY}), variables)

@@ -71,6 +71,30 @@ def test_winograd_path_and_its_gradients_equal_torchs_conv2d(side, k, pad, monke
     assert_conv_equals_torch(np.random.default_rng(side * k + pad), 2, side, k, 1, pad, "winograd")
 
 
+@pytest.mark.parametrize("m, side", [(4, 8), (2, 6)])
+def test_winograd_with_bias_and_relu_and_its_gradients_equal_torch(m, side):
+    """Folded inference's Winograd kernel, relu(conv(x) + bias) with the bias and ReLU in the output transform,
+    against torch.relu(conv2d(x, w, b)) in float64: forward and the gradients of x, the kernel and the bias, to
+    1e-12 (the inputs' ReLU splits about half the outputs)."""
+    rng = np.random.default_rng(m)
+    x, w, b = rng.normal(size=(2, side, side, 3)), rng.normal(size=(3, 3, 3, 4)), rng.normal(size=4)
+    xt, wt, bt = (torch.from_numpy(a).requires_grad_() for a in (x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1), b))
+    yt = torch.relu(torch.nn.functional.conv2d(xt, wt, bt, padding=1))
+    g = rng.normal(size=yt.shape)
+    yt.backward(torch.from_numpy(g))
+
+    def run(x, w, b, g):
+        y, vjp = jax.vjp(lambda x, w, b: winograd.conv_winograd_bias_relu(x, w, b, 1, m), x, w, b)
+        return (y, *vjp(g))
+
+    with jax.enable_x64(True):
+        got = jax.jit(run)(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), jnp.asarray(g.transpose(0, 2, 3, 1)))
+    want = [yt.detach().numpy().transpose(0, 2, 3, 1), xt.grad.numpy().transpose(0, 2, 3, 1),
+            wt.grad.numpy().transpose(2, 3, 1, 0), bt.grad.numpy()]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("m, k, side, pad", [(2, 3, 9, 1), (4, 3, 13, 1), (6, 3, 10, 2), (2, 5, 10, 2), (4, 5, 5, 0)])
 def test_winograd_tiles_and_their_gradients_equal_torchs_conv2d(m, k, side, pad):
     """F(m x m, k x k) alone over a batch of 3, with tiles that do not divide the output (a padded last tile);
@@ -347,6 +371,21 @@ def test_the_plans_command_refuses_a_bad_flag_in_one_line(capsys, argv, message)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1
     assert err.startswith(f"python -m jax_googlenet.ops: error: {message}")
+
+
+def test_the_folded_plan_fuses_bias_and_relu_into_winograds_output_transform():
+    """In folded inference every conv adds its bias and applies the ReLU: in Winograd's output transform where
+    the layer gets Winograd, after the product elsewhere; the kernels are eval's."""
+    folded = plan.network_plan(32, 4, mode="folded")
+    evaluated = plan.network_plan(32, 4, mode="eval")
+    assert [r.name for r in folded] == [r.name for r in evaluated]
+    for f, e in zip(folded, evaluated):
+        if f.kind == "pool":
+            assert f.forward == e.forward
+        elif e.forward.startswith("winograd"):
+            assert f.forward == f"{e.forward} + bias, ReLU in its output transform"
+        else:
+            assert f.forward == f"{e.forward}; bias, ReLU after"
 
 
 def test_the_plan_for_the_gpu_is_xlas_kernels_and_no_options():

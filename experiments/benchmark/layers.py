@@ -3,11 +3,11 @@ PyTorch's, forward and forward + backward, so a gap in the whole step can be tra
 
     python -m experiments.benchmark.layers --batch-size 16 --image-size 224 --impls slices,winograd --markdown t.md
 
-The layers and their input shapes are read off the model itself (the kernel plan's record of one abstract
-forward, `jax_googlenet.ops.plan.recording`). Each layer runs jitted on random data: forward, then forward and the gradients the train
-step needs (input and kernel; conv1's kernel only, as the step drops the image's gradient); PyTorch runs the same
-layer as `torch.nn.functional.conv2d` / `max_pool2d` on channels_last tensors, eager. Both frameworks get the
-same thread count; times are medians of --repeats calls after a warm-up, the calls rotated each repeat.
+The layers and their input shapes are read off the model itself (the kernel plan's record of one abstract forward,
+`jax_googlenet.ops.plan.recording`). Each layer runs jitted on random data: forward, then forward and the gradients
+the train step needs (input and kernel; conv1's kernel only, as the step drops the image's gradient); PyTorch runs
+the same layer as `torch.nn.functional.conv2d` / `max_pool2d` on channels_last tensors, eager. Both frameworks get
+the same thread count; times are medians of --repeats calls after a warm-up, the calls rotated each repeat.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`python -m jax_googlenet.ops`: which kernel computes each layer of the network, forward and backward, and the
 options its steps compile with (`jax_googlenet.ops.plan`).
 
-    python -m jax_googlenet.ops --image-size 224 --batch-size 16 [--eval] [--variant V] [--backend cpu|gpu]
+    python -m jax_googlenet.ops --image-size 224 --batch-size 16 [--eval | --folded] [--variant V] [--backend cpu|gpu]
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ def main(argv=None) -> int:
     p = _Parser(prog="python -m jax_googlenet.ops", description=__doc__.split("\n\n")[0])
     p.add_argument("--image-size", type=int, default=224, help="input side in pixels (default 224)")
     p.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
-    p.add_argument("--eval", action="store_true", help="the inference forward instead of the train step")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--eval", action="store_true", help="the inference forward instead of the train step")
+    kind.add_argument("--folded", action="store_true",
+                      help="the inference forward on BatchNorm-folded variables (jax_googlenet.fold)")
     p.add_argument("--variant", default="torchvision", choices=list(VARIANTS), help="default torchvision")
     p.add_argument("--impl", default="auto", choices=plan.IMPLS, help="googlenet()'s impl (default auto)")
     p.add_argument("--backend", default=None, choices=plan.BACKENDS, help="default: this machine's")
@@ -33,7 +36,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    aux = not args.eval
+    mode = "folded" if args.folded else "eval" if args.eval else "train"
+    aux = mode == "train"
     if not side_ok(args.variant, args.image_size, aux):
         lo, hi = accepted_sides(args.variant, aux)
         band = f"{lo} to {hi}" if hi else f"at least {lo}"
@@ -43,7 +47,6 @@ def main(argv=None) -> int:
         import jax
 
         jax.config.update("jax_enable_x64", True)
-    mode = "eval" if args.eval else "train"
     rows = plan.network_plan(args.image_size, args.batch_size, mode=mode, variant=args.variant, impl=args.impl,
                              backend=args.backend, dtype=args.dtype)
     backend = args.backend or __import__("jax").default_backend()

@@ -4,7 +4,10 @@ This module is the one place where an implementation is chosen. A layer is asked
 `merged_1x1`: an inception block's three 1x1 convolutions of its input), its input shape, dtype, the user's
 `impl` and the mode:
 - "train": the train step, forward and backward;
-- "eval": inference with BatchNorm's running statistics, forward only.
+- "eval": inference with BatchNorm's running statistics, forward only;
+- "folded": inference with each convolution and its BatchNorm folded into one convolution with a bias
+  (`jax_googlenet.fold`): a conv's kernel computes relu(conv(x) + bias), the bias and ReLU in the convolution's
+  own output pass where the kernel has one (Winograd's output transform).
 The answer is a `Kernel`: the names of its forward and backward and the function that computes the layer. The
 rules below say the measured reason for each choice (benchmarks/NOTES.md, the project's 2-core CPU, float32).
 `python -m jax_googlenet.ops --image-size 224 --batch-size 16` prints the choices layer by layer
@@ -36,7 +39,7 @@ from jax_googlenet.ops import pool as pool_ops
 from jax_googlenet.ops import winograd as winograd_ops
 
 IMPLS = ("auto", "xla", "slices", "winograd")
-MODES = ("train", "eval")
+MODES = ("train", "eval", "folded")
 BACKENDS = ("cpu", "gpu")
 
 
@@ -53,8 +56,9 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-    """What computes a layer: `run` (a conv's `run(x, kernel)`, a pool's `run(x)`, the merged 1x1's
-    `run(module, x, branches, ...)`) and the names of its forward and backward."""
+    """What computes a layer: `run` (a conv's `run(x, kernel)`, in "folded" mode `run(x, kernel, bias)` with the
+    ReLU; a pool's `run(x)`; the merged 1x1's `run(module, x, branches, ...)`) and the names of its forward and
+    backward."""
 
     forward: str
     backward: str
@@ -128,45 +132,59 @@ def winograd_tile(k: int, ho: int, wo: int, c: int) -> int | None:
     return next((m for m in WINOGRAD.get(k, ()) if ho % m == 0 and wo % m == 0), None)
 
 
-XLA_CONV = Kernel("xla conv", "xla conv (autodiff)", None)
-
-
 def conv(x_shape, kernel_shape, stride: int, padding: int, dtype, impl: str, mode: str = "train",
          name: str | None = None) -> Kernel:
-    """The kernel for an NHWC x HWIO convolution of an `x_shape` input computed in `dtype`; `run(x, kernel)`."""
+    """The kernel for an NHWC x HWIO convolution of an `x_shape` input computed in `dtype`: `run(x, kernel)`, in
+    "folded" mode `run(x, kernel, bias)`, which applies the bias and the ReLU."""
+    k, _, c, o = kernel_shape
+    op = f"conv {k}x{k}/{stride} -> {o}"
+    kernel, m = _conv(x_shape, kernel_shape, stride, padding, dtype, impl)
+    if mode == "folded":
+        op += " + bias, ReLU"
+        if m is not None:  # Winograd's output transform is an elementwise pass of its own: they join it
+            kernel = Kernel(f"{kernel.forward} + bias, ReLU in its output transform", "-",
+                            lambda x, kern, b: winograd_ops.conv_winograd_bias_relu(x, kern, b, padding, m))
+        else:
+            # XLA:CPU's convolution and dot kernels take no epilogue: XLA fuses the bias and ReLU into one
+            # elementwise pass over the product's output
+            run = kernel.run
+            kernel = Kernel(f"{kernel.forward}; bias, ReLU after", "-",
+                            lambda x, kern, b: jax.nn.relu(run(x, kern) + b))
+    return _answer(kernel, mode, name, "conv", x_shape, op, dict(k=k, features=o, stride=stride, padding=padding))
+
+
+def _conv(x_shape, kernel_shape, stride: int, padding: int, dtype, impl: str) -> tuple[Kernel, int | None]:
+    """(the convolution's kernel, m of Winograd's F(m x m, k x k) or None): `conv`'s rules."""
     k, _, c, o = kernel_shape
     h, w = x_shape[1:3]
-    op = f"conv {k}x{k}/{stride} -> {o}"
-    answer = functools.partial(_answer, mode=mode, name=name, kind="conv", shape=x_shape, op=op,
-                               spec=dict(k=k, features=o, stride=stride, padding=padding))
-    xla = dataclasses.replace(XLA_CONV, run=lambda x, kern: conv_ops.xla_conv(x, kern, stride, padding))
+    xla = Kernel("xla conv", "xla conv (autodiff)", lambda x, kern: conv_ops.xla_conv(x, kern, stride, padding))
     if impl == "xla":
-        return answer(xla)
+        return xla, None
     if stride > 1:
         # conv1 (7x7/2 on the image): XLA's convolution, forward and backward, the fastest kernel measured for
         # it in the train step (NOTES.md, "XLA's own dots, conv1's weight gradient, batch norm's statistics,
         # the strided pools' backward")
-        return answer(xla)
+        return xla, None
     if k == 1 and padding == 0:
-        return answer(Kernel("dot", "dots (autodiff)", conv_ops.conv_1x1))
+        return Kernel("dot", "dots (autodiff)", conv_ops.conv_1x1), None
     if impl == "winograd":
         if h * w < k * k:
             # maps of fewer than k*k positions (3x3 on 2x2 and 1x1): the operator's nonzero blocks as one product
-            return answer(Kernel("dense product", "dots (autodiff)",
-                                 lambda x, kern: conv_ops.conv_dense(x, kern, padding)))
+            return Kernel("dense product", "dots (autodiff)",
+                          lambda x, kern: conv_ops.conv_dense(x, kern, padding)), None
         m = winograd_tile(k, h + 2 * padding - k + 1, w + 2 * padding - k + 1, c)
         # not in bfloat16, whose rounding error Winograd's transforms would multiply
         if m is not None and jnp.finfo(dtype).nmant >= jnp.finfo(jnp.float32).nmant:
             label = f"winograd F({m}x{m},{k}x{k})"
-            return answer(Kernel(label, label, lambda x, kern: winograd_ops.conv_winograd(x, kern, padding, m)))
+            return Kernel(label, label, lambda x, kern: winograd_ops.conv_winograd(x, kern, padding, m)), m
     # stride-1 k x k: XLA:CPU's convolution backward is the slow part of the train step, so dots on shifted views
     forward = "xla" if min(h, w) >= XLA_FORWARD_MIN_SIDE else "im2col"
     ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
     lo, hi = XLA_WEIGHT_GRAD_SIDES
     weight_grad = "xla" if lo <= min(ho, wo) and max(ho, wo) <= hi else "im2col"
-    return answer(Kernel("xla conv" if forward == "xla" else "im2col dot",
-                         f"{weight_grad} weight grad + shifted-view input grad",
-                         lambda x, kern: conv_ops.conv_kxk(x, kern, padding, forward, weight_grad)))
+    return Kernel("xla conv" if forward == "xla" else "im2col dot",
+                  f"{weight_grad} weight grad + shifted-view input grad",
+                  lambda x, kern: conv_ops.conv_kxk(x, kern, padding, forward, weight_grad)), None
 
 
 def merged_1x1(x_shape, features, impl: str, mode: str, name: str | None = None) -> Kernel | None:
@@ -277,7 +295,7 @@ def network_plan(image_size: int, batch_size: int, *, mode: str = "train", varia
 
     Args:
       image_size, batch_size: the input's side and batch.
-      mode: "train" or "eval".
+      mode: "train", "eval" or "folded".
       variant, impl, dtype, in_channels: as `googlenet()` takes them.
       backend: "cpu" or "gpu" (default: JAX's); it decides what impl="auto" means.
 
@@ -289,6 +307,7 @@ def network_plan(image_size: int, batch_size: int, *, mode: str = "train", varia
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     model = googlenet(variant, in_channels=in_channels, dtype=dtype, impl=resolve_impl(impl, backend))
+    model = model.clone(folded=mode == "folded")
     x = jax.ShapeDtypeStruct((batch_size, image_size, image_size, in_channels), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     with recording() as rows:

@@ -176,10 +176,13 @@ def tiles_in(xp, mat: np.ndarray, stride: int, ht: int, wt: int, form: str = "pa
     return lax.reshape(_apply_parts(mat, cols, 1, form), (p * p, n, ht, wt, c))
 
 
-def tiles_out(t, mat: np.ndarray, stride: int, h: int, w: int, offset: int = 0, form: str = "pairs"):
+def tiles_out(t, mat: np.ndarray, stride: int, h: int, w: int, offset: int = 0, form: str = "pairs",
+              epilogue=None):
     """The map y[n, ts + i, us + j] = sum over tiles (t, u) and (p, q) of mat[i, p] mat[j, q] T[p, q, n, t, u]
     (tiles of mat.shape[0] rows at stride `stride`, overlapping when that is more than the stride), cropped to
-    rows and columns offset ... offset + h (w): the transpose of `tiles_in`, and the Winograd output transform."""
+    rows and columns offset ... offset + h (w): the transpose of `tiles_in`, and the Winograd output transform.
+    `epilogue`, an elementwise function over the last (channel) axis, is applied to the summed tiles in the
+    same pass."""
     tile, p = mat.shape
     _, n, ht, wt, c = t.shape
     t = lax.reshape(t, (p, p, n, ht, wt, c))
@@ -196,6 +199,8 @@ def tiles_out(t, mat: np.ndarray, stride: int, h: int, w: int, offset: int = 0, 
             lax.pad(lax.index_in_dim(lax.index_in_dim(d, k, 0, keepdims=False), l, 1, keepdims=False), zero,
                     [(0, 0, 0)] * 3 + [(k, extra - k, 0), (l, extra - l, 0), (0, 0, 0)])
             for k in range(extra + 1) for l in range(extra + 1)])
+    if epilogue is not None:
+        d = epilogue(d)
     ht, wt = ht + extra, wt + extra
     y = lax.reshape(lax.transpose(d, (2, 3, 0, 4, 1, 5)), (n, ht * stride, wt * stride, c))
     return lax.slice(y, (0, offset, offset, 0), (n, offset + h, offset + w, c))
@@ -276,3 +281,34 @@ def _winograd_bwd(padding, m, res, dy):
 
 
 _winograd.defvjp(_winograd_fwd, _winograd_bwd)
+
+
+def conv_winograd_bias_relu(x, kernel, bias, padding: int, m: int):
+    """relu(conv(x, kernel) + bias) with F(m x m, r x r), the bias and the ReLU applied in the output transform's
+    pass (folded inference: one pass over the output instead of two); differentiable in x, kernel and bias."""
+    return _winograd_bias_relu(x, kernel, bias, padding, m)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _winograd_bias_relu(x, kernel, bias, padding: int, m: int):
+    r, c, k, a, ho, wo, ht, wt, at, g, bt = _plan(x.shape, kernel.shape, padding, m)
+    v = _data_tiles(x, padding, m, r, ht, wt, bt)
+    mm = lax.dot_general(v, filter_transform(kernel, g), (((2,), (1,)), ((0,), (0,))))
+    return tiles_out(lax.reshape(mm, (a * a, x.shape[0], ht, wt, k)), at, m, ho, wo, form=FORMS["output"],
+                     epilogue=lambda d: jnp.maximum(d + bias.astype(d.dtype), jnp.zeros((), d.dtype)))
+
+
+def _winograd_bias_relu_fwd(x, kernel, bias, padding, m):
+    y = _winograd_bias_relu(x, kernel, bias, padding, m)
+    return y, (x, kernel, bias, y)
+
+
+def _winograd_bias_relu_bwd(padding, m, res, dy):
+    """The ReLU's gradient where the output is positive, then the bias's sum and the convolution's backward."""
+    x, kernel, bias, y = res
+    dz = jnp.where(y > 0, dy, jnp.zeros((), dy.dtype))
+    dx, dk = _winograd_bwd(padding, m, (x, kernel), dz)
+    return dx, dk, jnp.sum(dz, axis=(0, 1, 2)).astype(bias.dtype)
+
+
+_winograd_bias_relu.defvjp(_winograd_bias_relu_fwd, _winograd_bias_relu_bwd)

@@ -1,0 +1,70 @@
+"""Folded inference: each convolution and the BatchNorm after it as one convolution with a bias.
+
+In inference BatchNorm with running statistics is a per-channel affine map, y = (conv(x) - mean) * s + beta with
+s = scale / sqrt(var + eps), which folds into the convolution exactly: kernel * s and bias beta - mean * s. Folding
+once per set of variables, outside the step, leaves the step one convolution, its bias and its ReLU per layer,
+computed by the kernels `jax_googlenet.ops.plan` chooses in its "folded" mode (Winograd's output transform adds
+the bias and applies the ReLU in its own pass).
+
+    model, folded_vars = fold(model, variables)           # once per set of variables
+    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(folded_vars, images)
+
+The folded model computes what the unfolded one computes with `train=False` (up to float rounding: tests/
+test_parity.py bounds it at 1e-5 relative for every variant) and stays differentiable with respect to its
+input. The variants without BatchNorm ("paper", "writeup") have nothing to fold: their variables are used as
+they are, and the fused bias and ReLU kernels still apply.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.core import unfreeze
+
+from jax_googlenet.layers import BatchNorm
+from jax_googlenet.model import GoogLeNet
+
+
+def fold_batch_norm_flat(flat: Mapping[tuple, Any], epsilon: float = BatchNorm.epsilon) -> dict[tuple, Any]:
+    """Flat variables ({("params" | "batch_stats", *path): array}, numpy or JAX arrays) with each BasicConv's
+    `bn` folded into its `conv`: the conv gains a bias and the bn's parameters and statistics are gone."""
+    out = {p: v for p, v in flat.items() if "bn" not in p}
+    for path in flat:
+        if path[0] == "params" and path[-2:] == ("bn", "scale"):
+            mod = path[1:-2]
+            var = flat[("batch_stats", *mod, "bn", "var")]
+            sqrt = np.sqrt if isinstance(var, np.ndarray) else jnp.sqrt
+            mul = flat[path] / sqrt(var + epsilon)
+            out[("params", *mod, "conv", "kernel")] = flat[("params", *mod, "conv", "kernel")] * mul
+            out[("params", *mod, "conv", "bias")] = (flat[("params", *mod, "bn", "bias")]
+                                                     - flat[("batch_stats", *mod, "bn", "mean")] * mul)
+    return out
+
+
+def fold_batch_norm(variables: Mapping[str, Any], epsilon: float = BatchNorm.epsilon) -> dict[str, Any]:
+    """Variables for a folded GoogLeNet (`folded`).
+
+    Args:
+      variables: a GoogLeNet's variables, {"params": ..., "batch_stats": ...} (or "params" alone for the
+        variants without BatchNorm).
+      epsilon: BatchNorm's epsilon (torchvision's BasicConv2d: 1e-3).
+
+    Returns:
+      {"params": ...} with each conv's kernel scaled and a bias added, no BatchNorm parameters or statistics.
+      Traceable: `jax.jit(fold_batch_norm)` folds on the device.
+    """
+    flat = fold_batch_norm_flat(traverse_util.flatten_dict(unfreeze(dict(variables))), epsilon)
+    return {"params": traverse_util.unflatten_dict({p[1:]: v for p, v in flat.items() if p[0] == "params"})}
+
+
+def folded(model: GoogLeNet) -> GoogLeNet:
+    """The same network computing inference on folded variables: each conv with its bias and ReLU in one kernel."""
+    return model.clone(folded=True)
+
+
+def fold(model: GoogLeNet, variables: Mapping[str, Any]) -> tuple[GoogLeNet, dict[str, Any]]:
+    """(`folded(model)`, `fold_batch_norm(variables)`): apply the pair with `train=False`."""
+    return folded(model), fold_batch_norm(variables, BatchNorm.epsilon)
