@@ -91,6 +91,7 @@ def serving_of(model):
 # ----------------------------------------------------------------------------------------------- ONNX
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript-based exporter, asked for
 @pytest.mark.parametrize("side, batch", [(224, 7), (225, 1)])
 def test_onnx_torchvision_variant_matches_flax_and_torchvisions_own_export(torchvision_pair, side, batch):
     """225 pixels: every ceil-mode pool keeps a last partial window (112 -> 57 -> 29 -> 15 -> 8)."""
