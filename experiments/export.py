@@ -103,7 +103,7 @@ def run(args) -> list[Path]:
         try:
             import onnx  # noqa: F401
         except ImportError:
-            raise UsageError("--format onnx needs the onnx package: pip install onnx onnxruntime") from None
+            raise UsageError('--format onnx needs onnx and onnxruntime: pip install "jax-googlenet[onnx]"') from None
     try:
         model, variables, serving = read_weights(args.weights)
     except ValueError as e:

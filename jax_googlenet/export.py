@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jax_googlenet.fold import fold_batch_norm_flat
 from jax_googlenet.imagenet import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD
 from jax_googlenet.model import INCEPTION_TABLE, GoogLeNet, accepted_sides, stage_sizes
 from jax_googlenet.ops import pool_output_size
@@ -121,11 +122,9 @@ class _Graph:
 
 def _folded_convs(model: GoogLeNet, variables: dict[str, Any]) -> dict[tuple[str, ...], tuple[np.ndarray, ...]]:
     """{module path: (OIHW kernel, bias)} of every BasicConv, BatchNorm folded into the kernel and bias."""
-    from convert.pretrained import fold_batch_norm
-
     flat = {p: np.asarray(v, np.float32) for p, v in traverse_util.flatten_dict(dict(variables)).items()}
     if model.variant.batch_norm:
-        flat = fold_batch_norm(flat)
+        flat = fold_batch_norm_flat(flat)
     return {p[1:-2]: (v.transpose(3, 2, 0, 1), flat[(*p[:-1], "bias")])
             for p, v in flat.items() if p[0] == "params" and p[-2:] == ("conv", "kernel")}
 
