@@ -8,6 +8,13 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,8 +116,8 @@ def test_mutated_images_load_or_are_skipped_and_every_transform_gives_its_crop(t
         if record["image"] is None:
             unreadable += 1
             report.report(i)
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == unreadable and all("cannot read the image" in line for line in lines)
+    reports = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(reports) == unreadable and all("cannot read the image" in line for line in reports)
     assert 0 < unreadable < len(paths)  # the fuzzer reaches both sides
 
 
@@ -222,3 +229,143 @@ def test_mutated_run_configs_are_one_line_and_exit_2_on_resume(tmp_path, capsys,
         assert [p.name for p in workdir.iterdir()] == ["config.json"]
         assert (workdir / "config.json").read_bytes() == stored
     assert not failures, "\n".join(failures)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A small saved model (torchvision variant, 1 channel, 2 classes, zero variables) as `save_model` writes."""
+    import jax
+
+    from jax_googlenet.checkpoint import abstract_variables, save_model
+    from jax_googlenet.model import googlenet
+
+    config = dict(variant="torchvision", num_classes=2, in_channels=1, aux_logits=False)
+    variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_variables(googlenet(**config)))
+    return save_model(tmp_path_factory.mktemp("model") / "model", variables, config,
+                      {"class_names": ["cat", "dog"], "image_size": 32, "resize_size": 36})
+
+
+def mutate_model_dir(directory, rng) -> str:
+    """One file of a model directory mutated (a JSON one as JSON or as bytes), removed or emptied; what was done."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    target = files[int(rng.integers(len(files)))]
+    name = target.relative_to(directory)
+    roll = rng.random()
+    if roll < 0.1:
+        target.unlink()
+        return f"{name} removed"
+    if roll < 0.2:
+        target.write_bytes(b"")
+        return f"{name} emptied"
+    raw = target.read_bytes()
+    try:
+        json.loads(raw)
+        is_object = raw.lstrip().startswith(b"{")
+    except ValueError:
+        is_object = False
+    if is_object and roll < 0.7:
+        kind = "values" if roll < 0.45 else "structure"
+        target.write_bytes(mutate_json(raw.decode(), rng, kind))
+        return f"{name}: JSON {kind}"
+    target.write_bytes(mutate(raw, rng))
+    return f"{name}: bytes"
+
+
+def test_mutated_model_directories_load_or_are_one_line_value_errors(model_dir, tmp_path):
+    """The model directory reader of predict, export and --evaluate: the model, or a ValueError in one line."""
+    from experiments.export import read_weights
+
+    rng = np.random.default_rng(SEED + 3)
+    outcomes = {"loaded": 0, "ValueError": 0}
+    failures = []
+    for case in range(24):
+        directory = tmp_path / f"case{case:03d}"
+        shutil.copytree(model_dir, directory)
+        what = mutate_model_dir(directory, rng)
+        try:
+            model, variables, serving = read_weights(directory)
+        except ValueError as e:
+            outcomes["ValueError"] += 1
+            if "\n" in str(e):
+                failures.append(f"{what}: two lines: {e}")
+        except Exception as e:  # noqa: BLE001 (a case that escapes is the finding)
+            failures.append(f"{what}: {type(e).__name__}: {e}")
+        else:
+            outcomes["loaded"] += 1
+            assert model.num_classes == len(serving["class_names"])
+    assert not failures, "\n".join(failures)
+    assert outcomes["ValueError"] > 0, outcomes
+
+
+# ------------------------------------------------------------------------------------- the cases found by hand
+
+
+def image_folder(root: Path) -> Path:
+    """Two classes of two small PNG photos each, torchvision's ImageFolder layout."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def bomb_png(path: Path, side: int) -> Path:
+    """A real decompression bomb: a grey side x side PNG of zeros, a few hundred kilobytes on disk."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (len(body).to_bytes(4, "big") + kind + body
+                + zlib.crc32(kind + body).to_bytes(4, "big"))
+
+    packer, row = zlib.compressobj(9), bytes(side + 1)  # each row: filter type 0, then its zero pixels
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])  # 8-bit grey
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def with_config_key(model_dir: Path, directory: Path, **extra) -> Path:
+    """A copy of `model_dir` whose config has `extra` keys besides its own, as a hand edit leaves it."""
+    shutil.copytree(model_dir, directory)
+    config = json.loads((directory / "config" / "metadata").read_text())
+    (directory / "config" / "metadata").write_text(json.dumps({**config, **extra}))
+    return directory
+
+
+def test_a_model_directory_whose_config_has_an_unknown_key_is_one_line_exit_2_in_predict(model_dir, tmp_path,
+                                                                                           capsys):
+    """A hand-edited model directory (config with a key googlenet() does not take) given to predict."""
+    from experiments import predict
+
+    directory = with_config_key(model_dir, tmp_path / "model", dropout=0.5)
+    images = image_folder(tmp_path / "data")
+    rc = predict.main(["--weights", str(directory), str(images / "a" / "0.png")])
+    err = capsys.readouterr().err
+    assert one_line_exit_2(rc, err) and "dropout" in err, err
+
+
+def test_torch_is_required_from_2_6_where_weights_only_loading_is_safe():
+    """torch.load(weights_only=True) can be bypassed before torch 2.6 (CVE-2025-32434)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    requirements = [Requirement(r) for extra in project["project"]["optional-dependencies"].values()
+                    for r in extra if r.startswith("torch")]
+    torch = [r for r in requirements if r.name == "torch"]
+    assert torch and all(not r.specifier.contains("2.5.1") and r.specifier.contains("2.6.0") for r in torch)
+
+
+@pytest.mark.parametrize("job", ["mnist", "finetune"])
+def test_refused_arguments_create_no_compilation_cache_directory(job, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    main = importlib.import_module(f"experiments.{job}").main
+    monkeypatch.setenv("JAX_GOOGLENET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    rc = main(["--batch-size", "0", "--data", f"folder:{tmp_path}" if job == "finetune" else "sample"])
+    err = capsys.readouterr().err
+    assert one_line_exit_2(rc, err), err
+    assert list(tmp_path.iterdir()) == []
