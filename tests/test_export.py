@@ -255,3 +255,17 @@ def test_export_cli_bad_input_is_one_line_exit_2_and_nothing_written(model_dir, 
              "exists already")
     _refused(capsys, tmp_path, [*weights, "--format", "onnx", "--out", str(tmp_path / "m.stablehlo")],
              "name a .onnx file")
+
+
+def test_benchmark_runs_the_exported_graph_in_onnxruntime():
+    import argparse
+
+    from experiments.benchmark.runners import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner(2, 32, argparse.Namespace(threads=1))
+    runner.step()
+    runner.sync()
+    assert runner.logits.shape == (2, 1000) and np.isfinite(runner.logits).all()
+    assert runner.session.get_session_options().intra_op_num_threads == 1
+    assert (runner.framework, runner.variant, runner.workload) == ("onnxruntime", "cpu", "eval")
+    assert runner.first_call_s > 0

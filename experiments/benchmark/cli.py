@@ -20,7 +20,7 @@ from experiments.benchmark.machine import (configure_threads, cpu_peak, gpu_peak
 from experiments.benchmark.memory import device_memory_mb
 from experiments.benchmark.reports import cell_line, write_outputs
 from experiments.benchmark.runners import (DTYPES, FRAMEWORKS, TORCH_VARIANTS, WORKLOADS, CacheEvents, JaxRunner,
-                                          TorchRunner, torch_compile_caches)
+                                          OnnxRuntimeRunner, TorchRunner, torch_compile_caches)
 from experiments.benchmark.timing import spread, steps_per_window, time_window
 from experiments.cli import Parser, UsageError
 from jax_googlenet import compilation_cache, host_memory, ops
@@ -109,6 +109,9 @@ def build_runners(workload, batch, dtype, args, frameworks, torch, events) -> li
             runners.append(TorchRunner(variant, workload, batch, args.image_size, dtype, args, torch))
     elif "torch" in frameworks:
         print(f"  no PyTorch cells for {dtype}: bf16 autocast is measured on GPU only")
+    if "onnxruntime" in frameworks and workload == "eval" and dtype == "float32":
+        print(f"  preparing onnxruntime {workload} {dtype} batch {batch}", flush=True)
+        runners.append(OnnxRuntimeRunner(batch, args.image_size, args))
     return runners
 
 

@@ -12,6 +12,8 @@ from experiments.benchmark.runners import DTYPES, WORKLOADS
 
 
 def cell_name(c: dict) -> str:
+    if c["framework"] == "onnxruntime":
+        return "onnxruntime CPU (exported ONNX)"
     return "JAX jit" if c["framework"] == "jax" else {"eager": "PyTorch eager NCHW",
                                                        "channels_last": "PyTorch eager channels_last",
                                                        "compile": "PyTorch torch.compile"}[c["variant"]]
@@ -53,7 +55,8 @@ def markdown(result: dict) -> str:
                 continue
             ips = c["images_per_s"]
             first = (f"{fmt(c['compile_cold_s'], '.1f')} / {fmt(c['compile_warm_s'], '.1f')}"
-                     if c["framework"] == "jax" or c["variant"] == "compile" else f"{c['first_call_s']:.1f} (eager)")
+                     if c["framework"] == "jax" or c["variant"] == "compile" else
+                     f"{c['first_call_s']:.1f} ({'session' if c['framework'] == 'onnxruntime' else 'eager'})")
             lines.append(f"| {cell_name(c)} | {ips['median']:.2f} [{ips['min']:.2f}, {ips['max']:.2f}] | "
                          f"{c['ms_per_step']['median']:.1f} | {first} | {c['peak_memory_mb']:.0f} | "
                          f"{c['achieved_tflops'] * 1e3:.1f} | {100 * c['mfu']:.1f}% | {fmt(c['vs_best_torch'])} |")

@@ -1,15 +1,17 @@
-"""The two frameworks' runners on synthetic data already on the device, one interface: `step()` runs one
+"""The frameworks' runners on synthetic data already on the device, one interface: `step()` runs one
 step (eval forward, or train forward, backward and update), `sync()` waits for the device, and each states
 `framework`, `variant`, `first_call_s` and `compile_info`. `JaxRunner` runs the project's model and its jitted
 `train_step`, its compile timed cold and warm (served by the persistent cache), with XLA's FLOP and memory
 counts; `TorchRunner` runs torchvision's googlenet eagerly (NCHW or channels_last) or under torch.compile, its
-compile timed the same way against Inductor's caches. Also the frameworks, workloads, dtypes and PyTorch variants
-the command line offers.
+compile timed the same way against Inductor's caches; `OnnxRuntimeRunner` runs the exported ONNX graph
+(`jax_googlenet.export`) in onnxruntime's CPU provider, inference only. Also the frameworks, workloads, dtypes
+and PyTorch variants the command line offers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -20,7 +22,7 @@ from jax_googlenet import compilation_cache, googlenet
 from jax_googlenet.ops import compiler_options
 from jax_googlenet.train import AUX_WEIGHT, create_train_state, jit_train_step, make_optimizer
 
-FRAMEWORKS = ("jax", "torch")
+FRAMEWORKS = ("jax", "torch", "onnxruntime")
 WORKLOADS = ("eval", "train")
 DTYPES = ("float32", "bfloat16")
 TORCH_VARIANTS = ("eager", "channels_last", "compile")
@@ -248,3 +250,48 @@ class TorchRunner:
             self.step()
         self.net = net
         return float(counter.get_total_flops())
+
+
+# ----------------------------------------------------------------------------------------------- onnxruntime
+
+
+class OnnxRuntimeRunner:
+    """The model exported to ONNX (`jax_googlenet.export.onnx_model`: BatchNorm folded, NHWC float32 input) in
+    onnxruntime's default CPU provider with all graph optimisations and the benchmark's thread count; inference
+    only. Its "compile" is the session's creation (graph optimisation), timed as its first call."""
+
+    framework, variant = "onnxruntime", "cpu"
+
+    def __init__(self, batch: int, side: int, args):
+        import numpy as np
+        import onnxruntime
+
+        from jax_googlenet.checkpoint import default_serving
+        from jax_googlenet.export import INPUT, onnx_model
+
+        self.workload = "eval"
+        model = googlenet("torchvision", num_classes=NUM_CLASSES, aux_logits=False)
+        rng = np.random.default_rng(0)
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))
+        # He-normal kernels and unit statistics keep the activations in float range (the values do not change
+        # the work, denormals aside).
+        variables = jax.tree_util.tree_map_with_path(
+            lambda path, a: (rng.normal(0, (2 / np.prod(a.shape[:-1])) ** 0.5, a.shape) if path[-1].key == "kernel"
+                             else np.ones(a.shape) if path[-1].key in ("scale", "var") else np.zeros(a.shape)
+                             ).astype(np.float32), shapes)
+        graph = onnx_model(model, variables, default_serving({}), image_size=side).SerializeToString()
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = args.threads or len(os.sched_getaffinity(0))
+        options.inter_op_num_threads = 1
+        self.images = {INPUT: np.asarray(jax.random.normal(jax.random.key(1), (batch, side, side, 3)))}
+        t = time.perf_counter()
+        self.session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.step()
+        self.first_call_s = time.perf_counter() - t
+        self.compile_info = {"compile_cold_s": None, "compile_warm_s": None, "warm_cache_hit": None}
+
+    def step(self) -> None:
+        self.logits = self.session.run(None, self.images)[0]
+
+    def sync(self) -> None:
+        """onnxruntime's run returns when its outputs are computed."""
