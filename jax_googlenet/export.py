@@ -227,7 +227,9 @@ def onnx_model(model: GoogLeNet, variables: dict[str, Any], serving: dict[str, A
 
 
 def _metadata(serving: dict[str, Any], image_size: int, uint8_input: bool) -> dict[str, Any]:
-    return {**serving, "image_size": image_size, "uint8_input": uint8_input}
+    """The serving metadata of an export at `image_size`: the resize keeps the model's ratio to the crop."""
+    resize = round(image_size * serving["resize_size"] / serving["image_size"])
+    return {**serving, "image_size": image_size, "resize_size": max(resize, image_size), "uint8_input": uint8_input}
 
 
 # ----------------------------------------------------------------------------------------------- write / load

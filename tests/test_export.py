@@ -68,11 +68,11 @@ def flax_logits(model, variables, x):
     return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))
 
 
-def init(model, side: int, seed: int = 0):
+def init(model, side: int, seed: int = 0, channels: int = 3):
     """Random variables in numpy (faster than tracing flax's initialisers): He-normal kernels, so the signal
     keeps its scale through the layers, BatchNorm's parameters and statistics away from their defaults."""
     rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, channels)))
 
     def draw(path, a):
         name = path[-1].key
@@ -269,3 +269,9 @@ def test_benchmark_runs_the_exported_graph_in_onnxruntime():
     assert runner.session.get_session_options().intra_op_num_threads == 1
     assert (runner.framework, runner.variant, runner.workload) == ("onnxruntime", "cpu", "eval")
     assert runner.first_call_s > 0
+
+
+def test_an_export_at_another_image_size_keeps_the_models_resize_ratio():
+    serving = dict(image_size=64, resize_size=73, mean=[0.5], std=[0.5], class_names=["a"])
+    assert export._metadata(serving, 96, uint8_input=False)["resize_size"] == 110  # 96 * 73 / 64 = 109.5
+    assert export._metadata(serving, 64, uint8_input=True)["resize_size"] == 73

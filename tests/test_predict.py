@@ -118,3 +118,14 @@ def test_predict_bad_flags_are_one_line_and_exit_2(fine_tuned, capsys, tmp_path)
     (tmp_path / "broken.onnx").write_bytes(b"not a graph")
     assert predict.main(["--weights", str(tmp_path / "broken.onnx"), str(images)]) == 2
     assert "not an exported model" in capsys.readouterr().err
+
+
+def test_predict_reads_grey_images_for_a_one_channel_model(tmp_path, capsys):
+    """An MNIST-style model directory written without serving metadata: 32-pixel digits, MNIST's
+    normalisation and the classes "0" to "9" by default."""
+    model = googlenet("torchvision", num_classes=10, in_channels=1, aux_logits=False)
+    config = dict(variant="torchvision", num_classes=10, in_channels=1, aux_logits=False, transform_input=False)
+    save_model(tmp_path / "model", init(model, 32, channels=1), config)
+    Image.fromarray(skimage.data.camera()).save(tmp_path / "digit.png")
+    result = predictions(capsys, tmp_path / "model", tmp_path / "digit.png", "--top-k", "10")
+    assert sorted(t["class"] for t in result[0]["top_k"]) == sorted(str(i) for i in range(10))
