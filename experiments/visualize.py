@@ -169,15 +169,22 @@ def parse_args(argv):
 
 
 def grid(images: np.ndarray) -> np.ndarray:
-    """The images tiled in rows (ceil(sqrt(n)) columns), 2 white pixels between them."""
+    """The images tiled in rows (one row of up to 10, else ceil(sqrt(n)) columns), 2 white pixels between."""
     n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = n if n <= 10 else math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     out = np.ones((rows * (h + 2) - 2, cols * (w + 2) - 2, c), np.float32)
     for i, im in enumerate(images):
         r, k = divmod(i, cols)
         out[r * (h + 2):r * (h + 2) + h, k * (w + 2):k * (w + 2) + w] = im
     return out
+
+
+def _describe(t: T.Transforms) -> str:
+    which = "lucent's standard" if t.pad == T.STANDARD.pad else f"small-image (below {T.SMALL_BELOW} px)"
+    return (f"{which} transforms: pad {t.pad} (value {t.pad_value:g}), jitter {t.jitter}, "
+            f"scale {min(t.scales):g}-{max(t.scales):g}, rotation "
+            f"{min(t.angles):g} to {max(t.angles):g} degrees, jitter {t.jitter_after}")
 
 
 def do_render(args, model, variables, serving, out: Path) -> str:
@@ -192,11 +199,12 @@ def do_render(args, model, variables, serving, out: Path) -> str:
         if args.diversity:
             objective = objective + args.diversity * viz.diversity(args.layer)
     size = args.size or side
-    transforms = T.NONE if args.no_transforms else T.STANDARD
+    # The padding takes the background's value: MNIST's black for grey models, lucent's grey for RGB ones.
+    transforms = T.NONE if args.no_transforms else T.for_size(size, 0.0 if model.in_channels == 1 else 0.5)
     print(f"render: {objective.batch} image(s) of {size}x{size} ({args.param}"
           f"{', decorrelated colour' if model.in_channels == 3 and not args.no_decorrelate else ''}), the model "
           f"sees {side}x{side}; {args.steps} Adam steps at lr {args.lr:g}; "
-          f"{'no transforms' if args.no_transforms else 'lucent standard transforms'}", flush=True)
+          f"{'no transforms' if args.no_transforms else _describe(transforms)}", flush=True)
     with progress.bar(args.steps, desc="render", unit="step") as bar:
         result = viz.render(model, variables, objective, steps=args.steps, lr=args.lr,
                             key=jax.random.key(args.seed), size=size, input_size=side, kind=args.param,
@@ -217,7 +225,8 @@ def do_render(args, model, variables, serving, out: Path) -> str:
 
 def do_attribute(args, model, variables, serving, out: Path) -> str:
     if not 0 <= args.target < model.num_classes:
-        raise UsageError(f"--target {args.target}: the model has {model.num_classes} classes (0-{model.num_classes - 1})")
+        raise UsageError(f"--target {args.target}: the model has {model.num_classes} classes "
+                         f"(0-{model.num_classes - 1})")
     side = int(serving["image_size"])
     image = read_image(args.attribute, side, model.in_channels)[None]
     mean, std = jnp.asarray(serving["mean"]), jnp.asarray(serving["std"])
@@ -247,7 +256,8 @@ def run(argv) -> str:
     try:
         model, variables, serving = load(args.weights)
     except (ValueError, KeyError, OSError) as e:
-        raise UsageError(f"--weights {args.weights}: cannot load ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"--weights {args.weights}: cannot load ({why})") from None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

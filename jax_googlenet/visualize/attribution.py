@@ -50,10 +50,11 @@ def smoothgrad(model, variables, images, target, key, mean=0.0, std=1.0, *, samp
 
 @functools.partial(jax.jit, static_argnames=("model", "steps"))
 def integrated_gradients(model, variables, images, target, baseline=None, mean=0.0, std=1.0, *,
-                         steps: int = 64) -> jax.Array:
+                         steps: int = 256) -> jax.Array:
     """(image - baseline) times the gradient averaged along the straight path from `baseline` (default black)
     to the image, by the trapezoidal rule on `steps` intervals: the attributions sum to
-    logit(image) - logit(baseline) up to the rule's error."""
+    logit(image) - logit(baseline) up to the rule's error, which ReLU kinks along the path make first order in
+    1 / steps (1.5% at 64 steps on a held-out digit of the test's MNIST model)."""
     baseline = jnp.zeros_like(images) if baseline is None else jnp.broadcast_to(baseline, images.shape)
     f = _logit_fn(model, variables, mean, std, jnp.asarray(target, jnp.int32))
     grad = jax.grad(lambda x: jnp.sum(f(x)))

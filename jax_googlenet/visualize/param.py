@@ -9,7 +9,6 @@ root of ImageNet's colour covariance), and squashed to [0, 1] by a sigmoid. Grey
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -40,13 +40,14 @@ def check_layers(model, objective: Objective) -> None:
         raise ValueError(f"unknown layer {unknown[0]!r}; choose one of {', '.join(sorted(known))}")
 
 
-def layer_names(model) -> list[str]:
-    """Names of `model.features()` outputs."""
+@functools.lru_cache(maxsize=None)
+def layer_names(model) -> tuple[str, ...]:
+    """Names of `model.features()` outputs (traced once per model, at 224 pixels, which every variant takes)."""
     side = 224
     x = jax.ShapeDtypeStruct((1, side, side, model.in_channels), jnp.float32)
     shapes = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, method=type(model).features),
                             jax.eval_shape(model.init, jax.random.key(0), x), x)
-    return list(shapes)
+    return tuple(shapes)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "param", "transforms", "out", "structure", "batch", "tx",
