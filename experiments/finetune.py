@@ -165,10 +165,10 @@ def run(args) -> float:
     """Train and evaluate in the run's directory, claimed first, then write model/; returns the final top-1
     accuracy."""
     start.start_process(args)
-    with rundir.claimed(args.workdir, args.resume, "finetune") as (workdir, stored):
+    with rundir.claimed(args.workdir, args.resume, "finetune") as (workdir, stored), rundir.StopFlag() as stop:
         job = set_up(args, workdir, stored)
         try:
-            accuracy = loop.train_and_evaluate(job)
+            accuracy = loop.train_and_evaluate(job, stop)
         finally:  # also on a signal's exit
             job.train_batches.close()
         save_final_model(job)

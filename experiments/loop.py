@@ -14,6 +14,10 @@ examples do:
   one printed line;
 - `finish`: the last line and the final test accuracy.
 
+The job enters `rundir.StopFlag` as soon as it has claimed its directory, and the data's worker processes leave
+SIGINT/SIGTERM to it (`rundir.started_without_stop_signals`), so a signal anywhere in the run is a checkpoint
+and exit status 128 + its number.
+
 The run directory, checkpoints and signals are `experiments.rundir`'s, the figures `experiments.plots`'.
 """
 
@@ -31,7 +35,8 @@ import numpy as np
 
 from experiments import plots, progress
 from experiments.cli import TrainingError
-from experiments.rundir import Checkpoints, StopFlag, exit_stopped, write_atomic, write_config, write_failed
+from experiments.rundir import (Checkpoints, StopFlag, exit_stopped, started_without_stop_signals, write_atomic,
+                                write_config, write_failed)
 from jax_googlenet import compilation_cache, distributed
 
 
@@ -60,16 +65,19 @@ class Job:
     details: dict = dataclasses.field(default_factory=dict)  # the latest evaluation's array sums
 
 
-def train_and_evaluate(job: Job) -> float:
+def train_and_evaluate(job: Job, stop: StopFlag) -> float:
     """Train from where the run stands to its last epoch, evaluating and writing results after each; returns the
-    final test accuracy."""
-    with StopFlag() as stop:
-        for epoch in range(job.step // job.steps_per_epoch, job.cfg["epochs"]):
-            trained = train_epoch(job, epoch, stop)
-            write_results(job, epoch, trained, evaluate(job))
-            if stop.signum is not None and epoch + 1 < job.cfg["epochs"]:  # saved with the results
-                exit_stopped(job.step, job.workdir, stop.signum)
-        return finish(job)
+    final test accuracy. `stop`, active since the job started, ends the run at a step with a checkpoint (before
+    the first step, with nothing to save)."""
+    if stop.agreed() is not None:
+        exit_stopped(job.step, job.workdir, stop.agreed(), saved=False)
+    for epoch in range(job.step // job.steps_per_epoch, job.cfg["epochs"]):
+        trained = train_epoch(job, epoch, stop)
+        write_results(job, epoch, trained, evaluate(job))
+        signum = stop.agreed()
+        if signum is not None and epoch + 1 < job.cfg["epochs"]:  # saved with the results
+            exit_stopped(job.step, job.workdir, signum)
+    return finish(job)
 
 
 def restore_or_start(job: Job, resume: bool) -> None:
@@ -99,10 +107,11 @@ def train_epoch(job: Job, epoch: int, stop: StopFlag) -> Trained:
     at once where the step ran on the calling thread (the CPU, `jax_googlenet.host_memory`, unless
     --system-malloc), else after the next step is dispatched, so an accelerator runs a step ahead of the host;
     either way each progress line times the steps it counts. A non-finite loss raises TrainingError without
-    saving; a signal before the epoch's last step saves a checkpoint, with the epoch's metrics so far, and exits."""
+    saving; a signal before the epoch's last step (agreed by every process; the data failing after it too)
+    saves a checkpoint, with the epoch's metrics so far, and exits."""
     batch_size = job.cfg["batch_size"]
     skip = job.step - epoch * job.steps_per_epoch
-    batches = job.train_batches(epoch, skip)
+    batches = started_without_stop_signals(job.train_batches(epoch, skip))
     so_far = job.epoch_so_far or {"losses": [], "accuracies": [], "seconds": 0.0}
     job.epoch_so_far = None
     losses, accuracies = list(so_far["losses"]), list(so_far["accuracies"])
@@ -120,7 +129,17 @@ def train_epoch(job: Job, epoch: int, stop: StopFlag) -> Trained:
             accuracies.append(accuracy)
             shown.update(batch_size, loss=loss)
 
-        for batch in batches:
+        stopped = None
+        while stopped is None:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception:
+                if stop.signum is None:
+                    raise
+                stopped = stop.agreed()  # the data stopped with the run (a worker got the signal too)
+                break
             with compilation_cache.gc_paused():  # the first call traces and compiles: no collector walks it
                 job.state, metrics = job.train_step(job.state, distributed.shard_batch(batch, job.mesh))
             job.step += 1
@@ -131,22 +150,22 @@ def train_epoch(job: Job, epoch: int, stop: StopFlag) -> Trained:
                 collect(job.step, metrics)
             else:
                 pending = (job.step, metrics)
-            if stop.signum is not None:
-                break
+            stopped = stop.agreed()
         if pending is not None:
             collect(*pending)
     seconds = so_far["seconds"] + time.time() - t0
-    if stop.signum is not None and job.step < (epoch + 1) * job.steps_per_epoch:
+    if stopped is not None and job.step < (epoch + 1) * job.steps_per_epoch:
         job.checkpoints.save(job.step, job.state, job.history,
                              epoch_so_far={"losses": losses, "accuracies": accuracies, "seconds": seconds})
-        exit_stopped(job.step, job.workdir, stop.signum)
+        exit_stopped(job.step, job.workdir, stopped)
     return Trained({"train_loss": float(np.mean(losses)), "train_accuracy": float(np.mean(accuracies))},
                    seconds, len(losses) * batch_size)
 
 
 def evaluate(job: Job) -> dict:
     """The test metrics over every test example (see `evaluate_batches`); array sums kept in `job.details`."""
-    metrics, job.details = evaluate_batches(job.eval_step, job.state, job.eval_batches(), job.mesh)
+    metrics, job.details = evaluate_batches(job.eval_step, job.state,
+                                            started_without_stop_signals(job.eval_batches()), job.mesh)
     return metrics
 
 

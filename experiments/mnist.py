@@ -132,8 +132,8 @@ def run(args) -> float:
     """Train and evaluate in the run's directory, claimed first; returns the final test accuracy."""
     start.start_process(args)
     default = f"mnist-{args.preset or default_preset()}"
-    with rundir.claimed(args.workdir, args.resume, default) as (workdir, stored):
-        return loop.train_and_evaluate(set_up(args, workdir, stored))
+    with rundir.claimed(args.workdir, args.resume, default) as (workdir, stored), rundir.StopFlag() as stop:
+        return loop.train_and_evaluate(set_up(args, workdir, stored), stop)
 
 
 def set_up(args, workdir: Path, stored: dict | None) -> loop.Job:

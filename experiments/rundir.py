@@ -19,9 +19,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from experiments.cli import TrainingError, UsageError
@@ -291,7 +292,8 @@ class Checkpoints:
 
 class StopFlag:
     """Set by SIGINT/SIGTERM while active: the loop finishes its step (or its epoch, at the epoch's last step),
-    saves and exits (`exit_stopped`)."""
+    saves and exits (`exit_stopped`). A second signal exits at once with 128 + its number, leaving the last
+    complete checkpoint (a save it cut short is removed at the next start)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -299,7 +301,20 @@ class StopFlag:
         self.signum = None
 
     def __call__(self, signum, frame):
+        if self.signum is not None:
+            print(f"stopped by a second signal {signum}: exiting at once; the last complete checkpoint stays",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
         self.signum = signum
+
+    def agreed(self) -> int | None:
+        """The signal if any process of the run got one, else None: an any over the processes (every process
+        calls it at the same step), so that they all stop there and save together."""
+        if jax.process_count() == 1:
+            return self.signum
+        from jax.experimental import multihost_utils
+
+        return int(multihost_utils.process_allgather(np.int32(self.signum or 0)).max()) or None
 
     def __enter__(self):
         self.previous = [signal.signal(s, self) for s in self.SIGNALS]
@@ -310,8 +325,35 @@ class StopFlag:
             signal.signal(s, handler)
 
 
-def exit_stopped(step: int, workdir: Path, signum: int) -> None:
-    """Exit with 128 + `signum` once checkpoint `step` is saved, saying how to continue."""
-    print(f"stopped by signal {signum} at step {step}: saved checkpoint {step} in {workdir}; "
-          f"continue with --resume --workdir {workdir}", file=sys.stderr, flush=True)
+def started_without_stop_signals(batches: Iterable) -> Iterator:
+    """`batches`, its iterator made and its first item taken with SIGINT and SIGTERM ignored: grain's worker
+    processes start then and keep ignoring them (a spawned process inherits ignored signals, not handlers nor
+    the signal mask), so a Ctrl-C to the process group stops this process alone, which saves and stops them.
+    The signals are blocked meanwhile, so one that comes then arrives here once the handlers are back."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, StopFlag.SIGNALS)
+    handlers = [signal.signal(s, signal.SIG_IGN) for s in StopFlag.SIGNALS]
+    try:
+        iterator = iter(batches)
+        first = next(iterator, _END)
+    finally:
+        for s, handler in zip(StopFlag.SIGNALS, handlers):
+            signal.signal(s, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    if first is not _END:
+        yield first
+        yield from iterator
+
+
+_END = object()
+
+
+def exit_stopped(step: int, workdir: Path, signum: int, *, saved: bool = True) -> None:
+    """Exit with 128 + `signum` once checkpoint `step` is saved (or with nothing to save, before the first
+    step), saying how to continue."""
+    if saved:
+        print(f"stopped by signal {signum} at step {step}: saved checkpoint {step} in {workdir}; "
+              f"continue with --resume --workdir {workdir}", file=sys.stderr, flush=True)
+    else:
+        print(f"stopped by signal {signum} before the first step at {step}: nothing to save in {workdir}",
+              file=sys.stderr, flush=True)
     sys.exit(128 + signum)

@@ -9,6 +9,10 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
 import job_runs
@@ -21,6 +25,8 @@ from PIL import Image
 
 from convert import torchvision_to_flax
 from experiments import finetune
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # 32 px crops (37 px resize), batch 12: 60 training images give 5 steps an epoch. Every training run here uses
 # these flags, so its train and eval steps are one compile (lr, epochs and batch are constants of the step).
@@ -127,6 +133,35 @@ def test_sigterm_then_resume_gives_the_uninterrupted_parameters_bit_for_bit(env,
 
     rc, out, _ = run_main(["--resume", "--workdir", str(workdir), "--workers", "0"], capsys)
     assert rc == 0 and "resumed from step 12 (epoch 3, step 2 of 5)" in out
+    step, resumed = job_runs.latest_checkpoint(workdir)
+    ref_step, reference = job_runs.latest_checkpoint(reference_dir)
+    assert step == ref_step == 40
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_sigint_to_the_process_group_with_data_workers_saves_and_resume_is_bit_for_bit(env, learned, capsys):
+    """Ctrl-C in a terminal signals the whole process group: the job and its two grain worker processes. The
+    workers leave the stop to the job, which saves at the step reached and exits 130."""
+    reference_dir, _, _ = learned
+    workdir = env["root"] / "interrupted"
+    cmd = [sys.executable, "-m", "experiments.finetune", "--data", env["data"], "--workdir", str(workdir), *TINY,
+           "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a shell's job
+    first = workdir / "checkpoints" / "5"
+    while not first.exists() and proc.poll() is None:  # the first epoch's checkpoint: now stop it in epoch 2
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
+    assert "stopped by signal 2" in err and "Traceback" not in err and "terminated" not in err, err[-3000:]
+    stopped_at, _ = job_runs.latest_checkpoint(workdir)
+    assert 5 <= stopped_at < 40
+
+    rc, out, err = run_main(["--resume", "--workdir", str(workdir), "--workers", "0"], capsys)
+    assert rc == 0 and f"resumed from step {stopped_at}" in out, err
     step, resumed = job_runs.latest_checkpoint(workdir)
     ref_step, reference = job_runs.latest_checkpoint(reference_dir)
     assert step == ref_step == 40
