@@ -9,7 +9,6 @@ import gzip
 import io
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -369,3 +368,100 @@ def test_refused_arguments_create_no_compilation_cache_directory(job, tmp_path, 
     err = capsys.readouterr().err
     assert one_line_exit_2(rc, err), err
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------- through the commands
+
+ROOT = Path(__file__).resolve().parents[1]
+ADDRESS_SPACE = 8 << 30  # RLIMIT_AS of every command: a fault that allocates without bound fails, not the machine
+
+
+def run_command(module: str, argv: list[str], sandbox: Path) -> subprocess.CompletedProcess:
+    """`python -m module argv` as a user runs it, inside `sandbox`: its working directory, HOME, TMPDIR and the
+    compilation cache there, its address space limited to ADDRESS_SPACE."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_GOOGLENET", "TFDS", "XDG"))}
+    for name in ("home", "tmp", "work"):
+        (sandbox / name).mkdir(parents=True, exist_ok=True)
+    env.update(HOME=str(sandbox / "home"), TMPDIR=str(sandbox / "tmp"), PYTHONPATH=str(ROOT),
+               JAX_GOOGLENET_CACHE_DIR=str(sandbox / "xla"), XDG_CACHE_HOME=str(sandbox / "home" / ".cache"))
+    # python -m MODULE, its address space limited first (a preexec_fn would fork this multithreaded process).
+    start = (f"import resource, runpy; resource.setrlimit(resource.RLIMIT_AS, ({ADDRESS_SPACE}, {ADDRESS_SPACE})); "
+             f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    return subprocess.run([sys.executable, "-c", start, *argv], cwd=sandbox / "work", env=env, text=True,
+                          capture_output=True, timeout=300)
+
+
+def outside_writes() -> dict:
+    """What a command could leave outside its sandbox: the repository's top level and the user's cache."""
+    cache = Path.home() / ".cache" / "jax_googlenet"
+    return {"repository": sorted(p.name for p in ROOT.iterdir() if p.name == "runs" or p.suffix == ".png"),
+            "cache": cache.stat().st_mtime_ns if cache.exists() else None}
+
+
+def assert_one_line_exit_2(result: subprocess.CompletedProcess, *words: str) -> None:
+    err = result.stderr
+    assert one_line_exit_2(result.returncode, err) and all(w in err for w in words), (result.returncode, err[-3000:])
+
+
+@pytest.mark.slow
+def test_predict_on_a_1x20000_png_is_one_line_exit_2_within_8_gb(model_dir, tmp_path):
+    """A 140-byte 1x20000 PNG would resize to 256 x 5,120,000 float32 pixels (16 GB); predict refuses it."""
+    from PIL import Image
+
+    image = tmp_path / "line.png"
+    Image.new("RGB", (1, 20_000)).save(image)
+    before = outside_writes()
+    weights = with_config_key(model_dir, tmp_path / "model")
+    result = run_command("experiments.predict", ["--weights", str(weights), str(image), "--top-k", "2"], tmp_path)
+    assert_one_line_exit_2(result, "1x20000")
+    assert outside_writes() == before
+
+
+def refused_idx_dir(root: Path, gz: bool, rng) -> Path:
+    """The first seeded mutation of the small IDX files that load_idx refuses."""
+    for case in range(100):
+        directory = root / f"idx{case}"
+        write_mnist_idx(directory, gz)
+        target = sorted(directory.iterdir())[int(rng.integers(4))]
+        target.write_bytes(mutate(target.read_bytes(), rng))
+        try:
+            data.load_idx(str(directory))
+        except data.DataError:
+            return directory
+    raise AssertionError("no mutation refused")
+
+
+def commands(root: Path, model_dir: Path) -> list[tuple[str, list[str]]]:
+    """A seeded sample of the fuzzer's inputs given to the commands: (module, argv)."""
+    from experiments import mnist
+
+    rng = np.random.default_rng(SEED + 4)
+    tiny = ["--variant", "torchvision", "--image-size", "16", "--batch-size", "2", "--epochs", "1"]
+    sample = [("experiments.mnist", ["--data", f"idx:{refused_idx_dir(root, gz, rng)}", *tiny]) for gz in (False, True)]
+    config = mnist.make_config(mnist.parse_args(["--data", f"idx:{root / 'idx0'}"]), None)
+    for kind in ("bytes", "structure"):
+        workdir = root / f"run-{kind}"
+        workdir.mkdir()
+        (workdir / "config.json").write_bytes(mutate_json(json.dumps(config), rng, kind))
+        sample.append(("experiments.mnist", ["--resume", "--workdir", str(workdir)]))
+    images = root / "images"
+    images.mkdir()
+    named = mutated_images(images, 6, rng)[0]
+    sample.append(("experiments.predict", ["--weights", str(model_dir), str(images), "--top-k", "2"]))
+    sample.append(("experiments.predict", ["--weights", str(model_dir), str(named), "--top-k", "2"]))
+    return sample
+
+
+@pytest.mark.slow
+def test_a_sample_of_mutated_inputs_through_the_commands_succeeds_or_is_one_line_exit_2(model_dir, tmp_path):
+    """Each command, under an 8 GB address space with HOME, TMPDIR and the compilation cache in the test's
+    directory: exit 0, or exit 2 with one line on stderr; never a traceback; nothing written outside."""
+    before = outside_writes()
+    failures = []
+    for i, (module, argv) in enumerate(commands(tmp_path / "inputs", model_dir)):
+        result = run_command(module, argv, tmp_path / f"sandbox{i}")
+        ok = result.returncode == 0 or one_line_exit_2(result.returncode, result.stderr)
+        if not ok or "Traceback" in result.stderr:
+            failures.append(f"python -m {module} {' '.join(argv)}: exit {result.returncode}\n{result.stderr[-2000:]}")
+    assert outside_writes() == before
+    assert not failures, "\n\n".join(failures)
