@@ -220,7 +220,9 @@ def onnx_model(model: GoogLeNet, variables: dict[str, Any], serving: dict[str, A
         initializer=g.initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="jax_googlenet")
-    proto.ir_version = min(proto.ir_version, 10)  # what onnxruntime 1.2x reads
+    # The lowest IR version that carries the opset: onnx 1.23 writes IR 14, which onnxruntime 1.31 refuses (it
+    # reads up to 13); the lowest keeps the file readable by older runtimes too.
+    proto.ir_version = helper.find_min_ir_version_for(list(proto.opset_import))
     helper.set_model_props(proto, {METADATA_KEY: json.dumps(_metadata(serving, image_size, uint8_input))})
     onnx.checker.check_model(proto, full_check=True)
     return proto
