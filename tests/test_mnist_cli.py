@@ -347,6 +347,35 @@ def test_a_full_disk_while_saving_is_one_line_exit_1_and_the_next_start_continue
     assert [r["epoch"] for r in metrics(workdir)] == [1, 2, 3]
 
 
+def test_a_signal_before_the_first_step_exits_with_nothing_to_save(env, tmp_path, capsys, monkeypatch):
+    set_up = mnist.set_up
+
+    def signalled_while_setting_up(*args):
+        job = set_up(*args)
+        os.kill(os.getpid(), signal.SIGTERM)  # caught: the job has claimed its directory
+        return job
+
+    monkeypatch.setattr(mnist, "set_up", signalled_while_setting_up)
+    with pytest.raises(SystemExit) as stopped:
+        mnist.main(["--data", env["data"], "--workdir", str(tmp_path / "w"), *TINY])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert "stopped by signal 15 before the first step at 0: nothing to save" in capsys.readouterr().err
+    assert not (tmp_path / "w" / "checkpoints").exists() or not any((tmp_path / "w" / "checkpoints").iterdir())
+
+
+def test_a_second_signal_exits_at_once(monkeypatch, capsys):
+    """The first signal asks for a checkpoint at the next step; a second one (a save that hangs, an impatient
+    user) ends the process there, with 128 + its number."""
+    exits = []
+    monkeypatch.setattr(rundir.os, "_exit", exits.append)
+    stop = rundir.StopFlag()
+    stop(signal.SIGINT, None)
+    assert stop.signum == signal.SIGINT and exits == []
+    stop(signal.SIGTERM, None)
+    assert exits == [128 + signal.SIGTERM]
+    assert "stopped by a second signal 15: exiting at once" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_nan_loss_stops_with_one_line_and_saves_nothing_bad(env, capsys):
     workdir = env["root"] / "nan"
