@@ -11,24 +11,15 @@ PATH` runs either. Bad input: one line on stderr, exit status 2, nothing written
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from experiments.cli import Parser, UsageError
 from jax_googlenet import export
 from jax_googlenet.model import GoogLeNet
-
-
-class UsageError(Exception):
-    """Bad input: the one line the user sees, exit status 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
 
 
 def parse_args(argv):

@@ -10,7 +10,6 @@ line on stderr. `--json` prints one JSON list instead of text. Bad input: one li
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,21 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.cli import Parser, UsageError
 from jax_googlenet.imagenet import center_crop_offsets, resized_size
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 MAX_PIXELS = 89_478_485  # decoded pixels an image may have: PIL's Image.MAX_IMAGE_PIXELS, where it warns of a bomb
 MAX_RESIZED_PIXELS = 16 * 2**20  # pixels of the resized image (float32 on the host before the crop)
-
-
-class UsageError(Exception):
-    """Bad input: the one line the user sees, exit status 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
 
 
 class UnreadableImage(ValueError):
