@@ -41,8 +41,9 @@ def run_cli(work: Callable[[], str], *, bad_input: tuple[type[Exception], ...] =
 
 def add_run_flags(p: argparse.ArgumentParser, name: str) -> None:
     """The flags of every training job: where the run lives, its devices and hosts, dtype, compilation cache;
-    `name` gives the default run directory, runs/<name>-<time>."""
-    p.add_argument("--workdir", default=None, help=f"output directory (default: runs/{name}-<time>)")
+    `name` gives the default run directory, runs/<name>-<time>-<pid>."""
+    p.add_argument("--workdir", default=None, help=f"output directory, held by one run at a time (default: "
+                   f"runs/{name}-<time>-<pid>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --workdir from its latest checkpoint (flags default to its config)")
     p.add_argument("--devices", type=int, default=None,

@@ -18,7 +18,9 @@ The job writes to `--workdir`: config.json, metrics.jsonl (one line per epoch: t
 loss, top-1 and top-5), curves.png, evaluation.json (per-class accuracy and the confusion matrix of the latest
 evaluation), confusion.png, orbax checkpoints (every epoch and on SIGINT/SIGTERM; `--resume` continues from
 the latest), and at the end model/ (the trained network, for --evaluate and --init; jax_googlenet.checkpoint.
-load_model reads it). Bad input: one line on stderr, exit status 2, before anything is written.
+load_model reads it). One run at a time holds a --workdir (run.lock); SIGINT/SIGTERM, to the job or its whole
+process group (its data workers leave the stop to it), save a checkpoint and exit 130/143. Bad input: one line
+on stderr, exit status 2, before anything is written; a failed write (a full disk): one line, exit status 1.
 """
 
 from __future__ import annotations

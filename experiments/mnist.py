@@ -10,8 +10,9 @@ Two presets (flat configs below; every flag overrides its field):
 The job writes to `--workdir`: config.json, metrics.jsonl (one line per epoch), curves.png, and orbax
 checkpoints (every epoch and on SIGINT/SIGTERM). SIGINT/SIGTERM finish the current step (at an epoch's end,
 the epoch's results too), save a checkpoint and exit with status 128 + the signal number (130, 143); `--resume`
-continues from the latest checkpoint to the same final parameters and metrics an uninterrupted run reaches.
-Bad input: one line on stderr, exit status 2.
+continues from the latest checkpoint to the same final parameters and metrics an uninterrupted run reaches;
+a second signal exits at once. One run at a time holds a --workdir (run.lock). Bad input: one line on stderr,
+exit status 2; a failed write (a full disk): one line, exit status 1, the last complete checkpoint intact.
 """
 
 from __future__ import annotations
