@@ -357,19 +357,6 @@ def test_torch_is_required_from_2_6_where_weights_only_loading_is_safe():
     assert torch and all(not r.specifier.contains("2.5.1") and r.specifier.contains("2.6.0") for r in torch)
 
 
-@pytest.mark.parametrize("job", ["mnist", "finetune"])
-def test_refused_arguments_create_no_compilation_cache_directory(job, tmp_path, monkeypatch, capsys):
-    import importlib
-
-    main = importlib.import_module(f"experiments.{job}").main
-    monkeypatch.setenv("JAX_GOOGLENET_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    rc = main(["--batch-size", "0", "--data", f"folder:{tmp_path}" if job == "finetune" else "sample"])
-    err = capsys.readouterr().err
-    assert one_line_exit_2(rc, err), err
-    assert list(tmp_path.iterdir()) == []
-
-
 # ----------------------------------------------------------------------------------------- through the commands
 
 ROOT = Path(__file__).resolve().parents[1]
