@@ -69,8 +69,9 @@ def train_and_evaluate(job: Job, stop: StopFlag) -> float:
     """Train from where the run stands to its last epoch, evaluating and writing results after each; returns the
     final test accuracy. `stop`, active since the job started, ends the run at a step with a checkpoint (before
     the first step, with nothing to save)."""
-    if stop.agreed() is not None:
-        exit_stopped(job.step, job.workdir, stop.agreed(), saved=False)
+    signum = stop.agreed()
+    if signum is not None:
+        exit_stopped(job.step, job.workdir, signum, saved=False)
     for epoch in range(job.step // job.steps_per_epoch, job.cfg["epochs"]):
         trained = train_epoch(job, epoch, stop)
         write_results(job, epoch, trained, evaluate(job))

@@ -28,8 +28,6 @@ import orbax.checkpoint as ocp
 from experiments.cli import TrainingError, UsageError
 
 MAX_TO_KEEP = 3  # checkpoints kept
-
-
 LOCK = "run.lock"  # holds the pid of the run that has the directory, locked (flock) for that run's life
 
 
