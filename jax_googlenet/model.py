@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax_googlenet.imagenet import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD
 from jax_googlenet.layers import BatchNorm, Conv, Dtype, dense, max_pool
 from jax_googlenet.ops import adaptive_avg_pool, local_response_norm, plan, resolve_impl
-from jax_googlenet.sizes import accepted_sides, check_input, stage_sizes
+from jax_googlenet.sizes import accepted_sides, check_input, stage_sizes  # noqa: F401 (imported from here too)
 
 # name, 1x1, 3x3 reduce, 3x3, "5x5" reduce, "5x5", pool proj: the paper's Table 1, shared by every variant.
 INCEPTION_TABLE: tuple[tuple[str, int, int, int, int, int, int], ...] = (

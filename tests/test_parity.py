@@ -281,17 +281,21 @@ def test_writeup_variant_training_sum_equals_the_writeups_model(writeup_pair):
 
 
 @pytest.fixture(scope="module")
-def unfolded_and_folded(variables):
+def unfolded_and_folded(variables, writeup_pair):
     """For each variant, (model, variables, input): torchvision's the stand-in weights (random BatchNorm
     statistics, so the fold is no identity) at 32 pixels (Winograd's F(4x4, 3x3) on 8 and 4, dense products
-    on 2 and 1); paper and writeup (no BatchNorm: nothing to fold, the fused bias and ReLU kernels alone) their
-    own initialisation, at 32 and at the write-up's smallest side, 125."""
-    cases = {"torchvision": (GoogLeNet(VARIANTS["torchvision"]), variables, 32)}
-    for variant, side in (("paper", 32), ("writeup", 125)):
-        model = GoogLeNet(VARIANTS[variant], aux_logits=False)
-        cases[variant] = model, jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, side, side, 3))), side
-    return {name: (model, v, jax.random.normal(jax.random.key(side), (2, side, side, 3)))
-            for name, (model, v, side) in cases.items()}
+    on 2 and 1); paper and writeup (no BatchNorm: nothing to fold, the fused bias and ReLU kernels alone)
+    random He-scaled weights at 32 and the write-up model's weights at its smallest side, 125."""
+    paper = GoogLeNet(VARIANTS["paper"], aux_logits=False)
+    rng = np.random.default_rng(0)  # He-scaled kernels, small biases: no initialiser to compile
+    he = lambda a: rng.normal(size=a.shape) * (np.sqrt(2 / np.prod(a.shape[:-1])) if a.ndim > 1 else 0.1)  # noqa: E731
+    paper_vars = jax.tree.map(lambda a: jnp.asarray(he(a), jnp.float32),
+                              jax.eval_shape(paper.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    cases = {"torchvision": (GoogLeNet(VARIANTS["torchvision"]), variables, 32, 3),
+             "paper": (paper, paper_vars, 32, 3),
+             "writeup": (GoogLeNet(VARIANTS["writeup"], num_classes=10, in_channels=1), writeup_pair[1], 125, 1)}
+    return {name: (model, v, jax.random.normal(jax.random.key(side), (2, side, side, channels)))
+            for name, (model, v, side, channels) in cases.items()}
 
 
 @pytest.mark.parametrize("variant", ["torchvision", "paper", "writeup"])
