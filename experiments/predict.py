@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,8 +38,9 @@ def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
     MAX_PIXELS (checked from the header, before decoding)."""
     from PIL import Image
 
-    try:
-        with Image.open(path, formats=PIL_FORMATS) as im:
+    try:  # PIL's bomb warning would be lines of its own on stderr: MAX_PIXELS below is the check
+        with (warnings.catch_warnings(action="ignore", category=Image.DecompressionBombWarning),
+              Image.open(path, formats=PIL_FORMATS) as im):
             if im.width * im.height > MAX_PIXELS:
                 raise UnreadableImage(f"{path}: {im.width}x{im.height} is over the budget of {MAX_PIXELS:,} "
                                       "pixels an image")

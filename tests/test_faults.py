@@ -462,3 +462,10 @@ def test_a_sample_of_mutated_inputs_through_the_commands_succeeds_or_is_one_line
             failures.append(f"python -m {module} {' '.join(argv)}: exit {result.returncode}\n{result.stderr[-2000:]}")
     assert outside_writes() == before
     assert not failures, "\n\n".join(failures)
+@pytest.mark.slow
+def test_a_decompression_bomb_given_to_predict_is_one_line_exit_2(model_dir, tmp_path):
+    """A 12000x12000 PNG of zeros (144 M pixels, 0.2 MB on disk) named on the command line."""
+    bomb = bomb_png(tmp_path / "bomb.png", 12_000)
+    assert bomb.stat().st_size < 1 << 20
+    result = run_command("experiments.predict", ["--weights", str(model_dir), str(bomb), "--top-k", "2"], tmp_path)
+    assert_one_line_exit_2(result, "12000x12000")
