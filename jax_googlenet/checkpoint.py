@@ -129,6 +129,9 @@ def load_model(directory: str | Path) -> tuple[GoogLeNet, dict[str, Any]]:
         raise FileNotFoundError(f"{directory} is not a model checkpoint (no config/ and variables/ in it)")
     checkpointer = _checkpointer()
     config = checkpointer.restore(path, ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    unknown = set(config) - set(CONFIG_KEYS)
+    if unknown:  # a hand-edited config: one line, as save_model refuses it
+        raise ValueError(f"{directory}: unknown model configuration keys {sorted(unknown)}; expected {CONFIG_KEYS}")
     model = googlenet(**config)
     # Restore into the model's own shapes, so a checkpoint that does not fit the configuration fails here.
     first_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

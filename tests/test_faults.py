@@ -469,3 +469,15 @@ def test_a_decompression_bomb_given_to_predict_is_one_line_exit_2(model_dir, tmp
     assert bomb.stat().st_size < 1 << 20
     result = run_command("experiments.predict", ["--weights", str(model_dir), str(bomb), "--top-k", "2"], tmp_path)
     assert_one_line_exit_2(result, "12000x12000")
+
+def test_a_model_directory_whose_config_has_an_unknown_key_is_one_line_exit_2_in_evaluate(model_dir, tmp_path,
+                                                                                            capsys):
+    """The same model directory given to the fine-tune job's --evaluate."""
+    from experiments import finetune
+
+    directory = with_config_key(model_dir, tmp_path / "model", dropout=0.5)
+    images = image_folder(tmp_path / "data")
+    rc = finetune.main(["--evaluate", str(directory), "--data", f"folder:{images}", "--no-compile-cache",
+                        "--system-malloc"])
+    err = capsys.readouterr().err
+    assert one_line_exit_2(rc, err) and "dropout" in err, err
