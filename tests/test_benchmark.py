@@ -137,3 +137,79 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, messag
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_jax_eval_cell_times_the_folded_model_on_variables_without_batch_norm():
+    # Slow: it compiles the network three times (init, the folded and the unfolded eval step).
+    # The eval cell's step is the folded model (jax_googlenet.fold) on variables folded once outside it; its
+    # logits are the unfolded model's with running statistics, up to float rounding (1e-5 relative, as
+    # tests/test_parity.py bounds the fold for every variant).
+    from types import SimpleNamespace
+
+    import jax
+    import numpy as np
+    from flax import traverse_util
+
+    from experiments.benchmark.runners import NUM_CLASSES, CacheEvents, JaxRunner
+    from jax_googlenet import googlenet
+
+    args = SimpleNamespace(no_compile_cache=True, skip_cold_compile=True)
+    runner = JaxRunner("eval", 2, 32, "float32", args, CacheEvents())
+    assert set(runner.variables) == {"params"} and runner.inference == "folded BatchNorm"
+    paths = traverse_util.flatten_dict(runner.variables["params"])
+    assert not [p for p in paths if "bn" in p]
+    assert ("conv1", "conv", "bias") in paths
+    runner.step()
+    folded = np.asarray(runner.pending[-1])
+    runner.sync()
+    model = googlenet("torchvision", num_classes=NUM_CLASSES, aux_logits=True)
+    unfolded = {"params": runner.state.params, "batch_stats": runner.state.batch_stats}
+    want = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(unfolded, runner.images))
+    assert folded.shape == want.shape == (2, NUM_CLASSES)
+    np.testing.assert_allclose(folded, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_compile_frozen_is_inference_only_and_named_in_the_tables(capsys):
+    import torch
+
+    from experiments.benchmark.cli import build_runners, parse_args
+    from experiments.benchmark.reports import cell_name
+
+    args = parse_args(["--torch-variants", "channels_last,compile_frozen"])
+    assert args.torch_variants == ["channels_last", "compile_frozen"]
+    args.torch_variants = ["compile_frozen"]
+    assert build_runners("train", 2, "float32", args, ["torch"], torch, None) == []
+    assert "no torch compile_frozen train cell: that variant is inference only" in capsys.readouterr().out
+    assert cell_name({"framework": "torch", "variant": "compile_frozen"}) == "PyTorch torch.compile frozen"
+    assert cell_name({"framework": "jax", "variant": "jit", "inference": "folded BatchNorm"}) == \
+        "JAX jit, folded BatchNorm"
+
+
+@pytest.mark.slow
+def test_compile_frozen_runs_a_step_with_batch_norm_folded_by_inductor():
+    # Slow: Inductor's freezing compile of the whole network takes 1-2 minutes on 2 shared CPU cores, and a
+    # frozen graph bypasses Inductor's FX-graph cache. Reference: the same eager torchvision model in eval mode;
+    # 1e-4 relative, since Inductor's folded convolutions (oneDNN) round differently from eager BatchNorm.
+    from types import SimpleNamespace
+
+    import torch
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    from experiments.benchmark.runners import TorchRunner
+
+    torch.set_num_threads(1)
+    folded_before = counters["inductor"]["binary_folding_conv"]
+    args = SimpleNamespace(no_compile_cache=False, skip_cold_compile=True)
+    runner = TorchRunner("compile_frozen", "eval", 2, 32, "float32", args, torch)
+    assert counters["inductor"]["binary_folding_conv"] > folded_before  # the BatchNorms went into the convs
+    assert runner.compile_info["compile_cold_s"] > 0 and runner.compile_info["compile_warm_s"] is None
+    assert runner.first_call_s > 0 and runner.inference == "BatchNorm folded by Inductor (freezing)"
+    runner.step()
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        got = runner.net(runner.images)
+        want = runner.model(runner.images)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+    with pytest.raises(ValueError, match="inference only"):
+        TorchRunner("compile_frozen", "train", 2, 32, "float32", args, torch)

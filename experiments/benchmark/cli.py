@@ -19,8 +19,9 @@ from experiments.benchmark.machine import (configure_threads, cpu_peak, gpu_peak
                                           xla_cpu_pool_threads)
 from experiments.benchmark.memory import device_memory_mb
 from experiments.benchmark.reports import cell_line, write_outputs
-from experiments.benchmark.runners import (DTYPES, FRAMEWORKS, TORCH_VARIANTS, WORKLOADS, CacheEvents, JaxRunner,
-                                          OnnxRuntimeRunner, TorchRunner, torch_compile_caches)
+from experiments.benchmark.runners import (DTYPES, FRAMEWORKS, INFERENCE_ONLY_VARIANTS, TORCH_VARIANTS, WORKLOADS,
+                                          CacheEvents, JaxRunner, OnnxRuntimeRunner, TorchRunner,
+                                          torch_compile_caches)
 from experiments.benchmark.timing import spread, steps_per_window, time_window
 from experiments.cli import Parser, UsageError
 from jax_googlenet import compilation_cache, host_memory, ops
@@ -57,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frameworks", type=csv(FRAMEWORKS), default=list(FRAMEWORKS))
     p.add_argument("--torch-variants", type=csv(TORCH_VARIANTS), default=["eager", "channels_last"],
                    help="default eager,channels_last: torch.compile of the train step takes minutes on a small CPU; "
-                        "add compile to include it")
+                        "add compile to include it, compile_frozen for torch.compile with frozen weights (eval only)")
     p.add_argument("--workloads", type=csv(WORKLOADS), default=list(WORKLOADS))
     p.add_argument("--batch-sizes", type=positive_int_list, default=[16])
     p.add_argument("--image-size", type=int, default=224)
@@ -105,6 +106,9 @@ def build_runners(workload, batch, dtype, args, frameworks, torch, events) -> li
         runners.append(JaxRunner(workload, batch, args.image_size, dtype, args, events))
     if "torch" in frameworks and (dtype == "float32" or torch.cuda.is_available()):
         for variant in args.torch_variants:
+            if variant in INFERENCE_ONLY_VARIANTS and workload != "eval":
+                print(f"  no torch {variant} {workload} cell: that variant is inference only")
+                continue
             print(f"  preparing torch {variant} {workload} {dtype} batch {batch}", flush=True)
             runners.append(TorchRunner(variant, workload, batch, args.image_size, dtype, args, torch))
     elif "torch" in frameworks:
@@ -156,6 +160,8 @@ def measure_config(workload, batch, dtype, args, frameworks, torch, events, peak
                 "mfu": flops / median / peaks[dtype][0]}
         if r.framework == "jax":
             cell["xla_memory_mb"] = r.xla_memory_mb
+        if getattr(r, "inference", None):
+            cell["inference"] = r.inference  # how BatchNorm is computed, where it is folded
         cells.append(cell)
     best_torch = max((c["images_per_s"]["median"] for c in cells if c["framework"] == "torch"), default=None)
     for c in cells:

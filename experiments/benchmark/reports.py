@@ -14,9 +14,10 @@ from experiments.benchmark.runners import DTYPES, WORKLOADS
 def cell_name(c: dict) -> str:
     if c["framework"] == "onnxruntime":
         return "onnxruntime CPU (exported ONNX)"
-    return "JAX jit" if c["framework"] == "jax" else {"eager": "PyTorch eager NCHW",
-                                                       "channels_last": "PyTorch eager channels_last",
-                                                       "compile": "PyTorch torch.compile"}[c["variant"]]
+    if c["framework"] == "jax":
+        return "JAX jit, folded BatchNorm" if c.get("inference") == "folded BatchNorm" else "JAX jit"
+    return {"eager": "PyTorch eager NCHW", "channels_last": "PyTorch eager channels_last",
+            "compile": "PyTorch torch.compile", "compile_frozen": "PyTorch torch.compile frozen"}[c["variant"]]
 
 
 def fmt(x, spec: str = ".2f", none: str = "-") -> str:
@@ -25,7 +26,7 @@ def fmt(x, spec: str = ".2f", none: str = "-") -> str:
 
 def cell_line(c: dict) -> str:
     ips = c["images_per_s"]
-    return (f"{cell_name(c):28s} {ips['median']:8.2f} img/s [{ips['min']:.2f}, {ips['max']:.2f}]  "
+    return (f"{cell_name(c):32s} {ips['median']:8.2f} img/s [{ips['min']:.2f}, {ips['max']:.2f}]  "
             f"{c['ms_per_step']['median']:8.1f} ms/step  MFU {100 * c['mfu']:5.1f}%  "
             + (f"x{c['vs_best_torch']:.2f} vs best PyTorch" if c["vs_best_torch"] else "no PyTorch cell"))
 
@@ -55,7 +56,7 @@ def markdown(result: dict) -> str:
                 continue
             ips = c["images_per_s"]
             first = (f"{fmt(c['compile_cold_s'], '.1f')} / {fmt(c['compile_warm_s'], '.1f')}"
-                     if c["framework"] == "jax" or c["variant"] == "compile" else
+                     if c["framework"] == "jax" or c["variant"].startswith("compile") else
                      f"{c['first_call_s']:.1f} ({'session' if c['framework'] == 'onnxruntime' else 'eager'})")
             lines.append(f"| {cell_name(c)} | {ips['median']:.2f} [{ips['min']:.2f}, {ips['max']:.2f}] | "
                          f"{c['ms_per_step']['median']:.1f} | {first} | {c['peak_memory_mb']:.0f} | "
@@ -77,7 +78,11 @@ def markdown(result: dict) -> str:
               "Peak MB: " + "; ".join(memory) + ".", "",
               "First call: JAX's is trace + lower + compile (cold: nothing cached; warm: the executable loaded from "
               "the persistent cache; -: not measured); torch.compile's is its first call, one step included "
-              "(warm: Inductor's FX-graph cache hit); eager PyTorch's is its first step."]
+              "(warm: Inductor's FX-graph cache hit; a frozen graph bypasses that cache, so it has a cold time "
+              "only); eager PyTorch's is its first step; onnxruntime's is its session's creation and first run.", "",
+              "JAX jit, folded BatchNorm: eval on variables whose BatchNorms are folded into the convolutions once, "
+              "outside the timed step (`jax_googlenet.fold`). PyTorch torch.compile frozen: Inductor's `freezing` "
+              "under `torch.no_grad()`, which folds BatchNorm into the convolutions when it compiles."]
     return "\n".join(lines) + "\n"
 
 

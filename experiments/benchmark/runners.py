@@ -1,11 +1,12 @@
 """The frameworks' runners on synthetic data already on the device, one interface: `step()` runs one
 step (eval forward, or train forward, backward and update), `sync()` waits for the device, and each states
 `framework`, `variant`, `first_call_s` and `compile_info`. `JaxRunner` runs the project's model and its jitted
-`train_step`, its compile timed cold and warm (served by the persistent cache), with XLA's FLOP and memory
-counts; `TorchRunner` runs torchvision's googlenet eagerly (NCHW or channels_last) or under torch.compile, its
-compile timed the same way against Inductor's caches; `OnnxRuntimeRunner` runs the exported ONNX graph
-(`jax_googlenet.export`) in onnxruntime's CPU provider, inference only. Also the frameworks, workloads, dtypes
-and PyTorch variants the command line offers.
+`train_step` (eval: the folded model, `jax_googlenet.fold`, its variables folded once outside the step), its
+compile timed cold and warm (served by the persistent cache), with XLA's FLOP and memory counts; `TorchRunner`
+runs torchvision's googlenet eagerly (NCHW or channels_last) or under torch.compile (for inference also with
+frozen weights), its compile timed the same way against Inductor's caches; `OnnxRuntimeRunner` runs the
+exported ONNX graph (`jax_googlenet.export`) in onnxruntime's CPU provider, inference only. Also the frameworks,
+workloads, dtypes and PyTorch variants the command line offers.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import jax
 import jax.numpy as jnp
 
 from jax_googlenet import compilation_cache, googlenet
+from jax_googlenet.fold import fold
 from jax_googlenet.ops import compiler_options
 from jax_googlenet.train import AUX_WEIGHT, create_train_state, jit_train_step, make_optimizer
 
 FRAMEWORKS = ("jax", "torch", "onnxruntime")
 WORKLOADS = ("eval", "train")
 DTYPES = ("float32", "bfloat16")
-TORCH_VARIANTS = ("eager", "channels_last", "compile")
+TORCH_VARIANTS = ("eager", "channels_last", "compile", "compile_frozen")
+INFERENCE_ONLY_VARIANTS = ("compile_frozen",)
 NUM_CLASSES = 1000
 LEARNING_RATE = 0.01  # any constant: the benchmark times the update, not its effect
 MOMENTUM = 0.9
@@ -104,7 +107,8 @@ def xla_memory_mb(compiled) -> float:
 
 
 class JaxRunner:
-    """The project's model and its real jitted train step (or `train=False` apply), on synthetic device data."""
+    """The project's model and its real jitted train step, or for eval the folded model's `train=False` apply on
+    variables folded once (on the host, outside the step), on synthetic device data."""
 
     framework, variant = "jax", "jit"
 
@@ -122,7 +126,12 @@ class JaxRunner:
             jitted = jit_train_step(compiler_options(side, dtype), loss_mode="paper")
             call_args = (self.state, self.batch, self.rng)
         else:
-            self.variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
+            # Folded once per set of variables, outside the timed step: a step that folded would recompute the
+            # fold on every call. numpy on the host folds without compiling an XLA kernel per operation.
+            unfolded = jax.device_get({"params": self.state.params, "batch_stats": self.state.batch_stats})
+            model, self.variables = fold(model, unfolded)
+            self.variables = jax.device_put(self.variables)
+            self.inference = "folded BatchNorm"
             self.images = images
             jitted = jax.jit(lambda v, x: model.apply(v, x, train=False),
                              compiler_options=compiler_options(side, dtype))
@@ -156,13 +165,20 @@ def torch_compile_caches(enabled: bool) -> None:
 
 
 class TorchRunner:
-    """torchvision's googlenet: eager NCHW, eager channels_last, or torch.compile (channels_last) of the model."""
+    """torchvision's googlenet: eager NCHW, eager channels_last, torch.compile (channels_last) of the model, or
+    for inference torch.compile with frozen weights (`compile_frozen`: Inductor's `freezing`, under
+    `torch.no_grad()`, which folds each BatchNorm into its convolution)."""
 
     framework = "torch"
 
     def __init__(self, variant: str, workload: str, batch: int, side: int, dtype: str, args, torch):
         import torchvision
+        if variant in INFERENCE_ONLY_VARIANTS and workload != "eval":
+            raise ValueError(f"the PyTorch variant {variant} is inference only")
         self.torch, self.variant, self.workload = torch, variant, workload
+        self.frozen = variant == "compile_frozen"
+        if self.frozen:
+            self.inference = "BatchNorm folded by Inductor (freezing)"
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.autocast = dtype == "bfloat16"
         torch.manual_seed(0)
@@ -179,7 +195,7 @@ class TorchRunner:
         self.optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
         self.compile_info = {"compile_cold_s": None, "compile_warm_s": None, "warm_cache_hit": None}
         self.net = model
-        if variant == "compile":
+        if variant.startswith("compile"):
             self._compile(args)
         else:
             self.first_call_s = self._first_call()
@@ -202,7 +218,9 @@ class TorchRunner:
             self.net = self.torch.compile(self.model)
             return self._first_call(), counters["inductor"]["fxgraph_cache_hit"] > hits
 
-        if args.no_compile_cache:
+        if args.no_compile_cache or self.frozen:
+            # A frozen graph holds the weights as constants and bypasses Inductor's FX-graph cache: every first
+            # call compiles cold, so there is no warm time to measure.
             info["compile_cold_s"] = first_call()[0]
         else:
             seconds, hit = first_call()
@@ -234,6 +252,12 @@ class TorchRunner:
             self.optimizer.zero_grad(set_to_none=True)
             self.forward().backward()
             self.optimizer.step()
+        elif self.frozen:
+            # Inductor's freezing is made for graphs compiled under no_grad (grad mode is in Dynamo's guards); the
+            # setting is held around every call, so a recompile after another runner's dynamo reset freezes too.
+            import torch._inductor.config as inductor_config
+            with inductor_config.patch(freezing=True), self.torch.no_grad():
+                self.forward()
         else:
             with self.torch.inference_mode():
                 self.forward()
