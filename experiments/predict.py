@@ -114,15 +114,24 @@ def load_predictor(weights: str) -> tuple[Callable[[np.ndarray], np.ndarray], di
                              "experiments.export?)")
         return loaded, serving, loaded.input_shape[-1], loaded.input_dtype == np.uint8
     from experiments.export import read_weights
-    from jax_googlenet.ops import compiler_options
 
     try:
         model, variables, serving = read_weights(path)
     except ValueError as e:
         raise UsageError(f"--weights {e}") from None
-    apply = jax.jit(lambda v, x: model.apply(v, x, train=False),
-                    compiler_options=compiler_options(serving["image_size"]))
-    return (lambda x: np.asarray(apply(variables, x))), serving, model.in_channels, False
+    apply, folded_vars = folded_step(model, variables, serving["image_size"])
+    return (lambda x: np.asarray(apply(folded_vars, x))), serving, model.in_channels, False
+
+
+def folded_step(model, variables: dict[str, Any], image_size: int) -> tuple[Callable, dict[str, Any]]:
+    """(jitted logits of (variables, images), the variables it takes): the folded model (`jax_googlenet.fold`),
+    its BatchNorms folded into the convolutions once here, so the step holds no BatchNorm."""
+    from jax_googlenet.fold import fold
+    from jax_googlenet.ops import compiler_options
+
+    model, folded_vars = fold(model, {k: variables[k] for k in ("params", "batch_stats") if k in variables})
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=compiler_options(image_size))
+    return apply, folded_vars
 
 
 def parse_args(argv):

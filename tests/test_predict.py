@@ -3,11 +3,13 @@ exported files (ONNX, StableHLO) giving the model's predictions, folders, --top-
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import skimage.data
 import torch
 import torchvision
+from flax import traverse_util
 from PIL import Image
 
 from experiments import export as export_cli
@@ -129,3 +131,20 @@ def test_predict_reads_grey_images_for_a_one_channel_model(tmp_path, capsys):
     Image.fromarray(skimage.data.camera()).save(tmp_path / "digit.png")
     result = predictions(capsys, tmp_path / "model", tmp_path / "digit.png", "--top-k", "10")
     assert sorted(t["class"] for t in result[0]["top_k"]) == sorted(str(i) for i in range(10))
+
+
+def test_predict_runs_the_folded_model_its_step_holding_no_batch_norm(fine_tuned):
+    """The Flax path folds BatchNorm once, outside the step: the step takes no batch_stats and computes no
+    BatchNorm (no rsqrt in its StableHLO, which the unfolded step has); its logits are the model's within 1e-5
+    relative (float32 rounding of the folded kernels, the bound of tests/test_parity.py)."""
+    from experiments.export import read_weights
+    from test_export import flax_logits, rel
+
+    model, variables, serving = read_weights(fine_tuned[0])
+    apply, folded_vars = predict.folded_step(model, variables, serving["image_size"])
+    assert set(folded_vars) == {"params"}
+    assert not any("bn" in path for path in traverse_util.flatten_dict(folded_vars))
+    x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    assert "rsqrt" not in apply.lower(folded_vars, x).as_text()
+    assert "rsqrt" in jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).as_text()
+    assert rel(apply(folded_vars, x), flax_logits(model, variables, x)) < 1e-5
