@@ -21,6 +21,7 @@ The step uses XLA's convolutions (`impl="xla"`): the CPU's training kernels comp
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import flax.linen as nn
@@ -80,11 +81,13 @@ def precise_batch_norm(model: GoogLeNet, variables: Mapping[str, Any], batches: 
       variables: its variables, {"params": ..., "batch_stats": ...}; the aux heads' layers are recomputed too
         when the model has them and the variables hold them.
       batches: an iterable of NHWC image batches (arrays, or dicts with an "image"), as the model takes them
-        after `preprocess`; numpy arrays, or global jax Arrays sharded over `mesh`'s devices.
+        after `preprocess`; numpy arrays, or global jax Arrays sharded over `mesh`'s devices. A batch whose
+        "mask" marks padding rows ends the pass (it is not used).
       max_images: use whole batches until the next would pass this many images (None: all); at least one.
       preprocess: applied to each batch inside the step (the jobs' on-device normalisation).
       mesh: the `jax.sharding.Mesh` the batches are sharded over; the statistics come back replicated on it.
       compiler_options: `jax.jit`'s XLA options (`jax_googlenet.ops.compiler_options` for the image size).
+        The step is compiled once per model, preprocess, mesh and options, and kept for the next call.
 
     Returns:
       A `PreciseStats`: `batch_stats` with the tree of `variables["batch_stats"]`, each layer's "mean" and
@@ -96,17 +99,13 @@ def precise_batch_norm(model: GoogLeNet, variables: Mapping[str, Any], batches: 
     variables = unfreeze(dict(variables))
     model = model.clone(impl="xla", aux_logits=model.aux_logits and "aux1" in variables["params"])
     used = {k: variables[k] for k in ("params", "batch_stats")}
-    jit_kwargs = {}
-    if mesh is not None:
-        from jax_googlenet import distributed
-
-        jit_kwargs["out_shardings"] = distributed.replicated(mesh)
-    step = jax.jit(lambda v, x: batch_moments(model, v, x, preprocess), compiler_options=compiler_options,
-                   **jit_kwargs)
+    step = _moments_step(model, preprocess, mesh, tuple(sorted((compiler_options or {}).items())))
     totals: dict[tuple[str, ...], tuple[int, np.ndarray, np.ndarray]] = {}
     images = 0
     for batch in batches:
         x = batch["image"] if isinstance(batch, Mapping) else batch
+        if isinstance(batch, Mapping) and "mask" in batch and not bool(jnp.all(batch["mask"])):
+            break  # a last batch padded with rows that are no images
         if max_images is not None and images and images + x.shape[0] > max_images:
             break
         for path, (count, mean, m2) in jax.device_get(step(used, x)).items():
@@ -123,6 +122,19 @@ def precise_batch_norm(model: GoogLeNet, variables: Mapping[str, Any], batches: 
         flat[(*path, "mean")] = jnp.asarray(mean, old.dtype)
         flat[(*path, "var")] = jnp.asarray(m2 / max(count - 1, 1), old.dtype)
     return PreciseStats(traverse_util.unflatten_dict(flat), images)
+
+
+@functools.lru_cache(maxsize=8)
+def _moments_step(model: GoogLeNet, preprocess: Callable, mesh, compiler_options: tuple) -> Callable:
+    """`batch_moments` jitted, once per model, preprocess, mesh and XLA options: the jobs call
+    `precise_batch_norm` before every evaluation."""
+    jit_kwargs = {}
+    if mesh is not None:
+        from jax_googlenet import distributed
+
+        jit_kwargs["out_shardings"] = distributed.replicated(mesh)
+    return jax.jit(lambda v, x: batch_moments(model, v, x, preprocess), compiler_options=dict(compiler_options),
+                   **jit_kwargs)
 
 
 def _combine(total, count: int, mean: np.ndarray, m2: np.ndarray):

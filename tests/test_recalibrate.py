@@ -19,7 +19,7 @@ from conftest import randomise_batch_norm
 from convert import torchvision_to_flax
 from jax_googlenet import distributed
 from jax_googlenet.model import googlenet
-from jax_googlenet.recalibrate import precise_batch_norm
+from jax_googlenet.recalibrate import _moments_step, precise_batch_norm
 
 SIDE, BATCH, BATCHES = 64, 4, 3
 
@@ -93,12 +93,16 @@ def test_precise_statistics_are_the_population_mean_and_unbiased_variance_of_tor
         assert rel(node["var"], var) < 1e-9, path
 
 
-def test_precise_statistics_stop_at_max_images_and_leave_the_variables_alone():
-    """Whole batches until the next would pass max_images (float32); the variables given are not changed."""
+def test_precise_statistics_stop_at_max_images_or_a_padded_batch_and_leave_the_variables_alone():
+    """Whole batches until the next would pass max_images or is padded (float32), one compiled step for the
+    calls; the variables given are not changed."""
     model, variables, batches, _ = reference()
     before = variables["batch_stats"]["conv1"]["bn"]["var"].copy()
     limited = precise_batch_norm(model, variables, iter(batches), max_images=2 * BATCH + 1)
-    first_two = precise_batch_norm(model, variables, batches[:2])
+    compiled = _moments_step.cache_info().currsize
+    padded = [{"image": x, "mask": np.arange(BATCH) < (BATCH if i < 2 else 1)} for i, x in enumerate(batches)]
+    first_two = precise_batch_norm(model, variables, padded)
+    assert _moments_step.cache_info().currsize == compiled
     assert limited.images == first_two.images == 2 * BATCH
     np.testing.assert_array_equal(limited.batch_stats["inception5b"]["branch1"]["bn"]["var"],
                                   first_two.batch_stats["inception5b"]["branch1"]["bn"]["var"])
