@@ -2,14 +2,15 @@
 statistics of its input over a set of images, for evaluating and saving a model whose running averages lag its
 weights.
 
-The definition is PreciseBN's (fvcore's `update_bn_stats`, used by detectron2's PreciseBN hook and pycls's
-`compute_precise_bn_stats`): the network runs in training mode, so every layer normalises with its batch's
-statistics, and each layer's input is gathered over all the batches; its mean and unbiased variance over all the
-positions of all the batches are the new statistics, those of fvcore's `_PopulationVarianceEstimator` (pycls
-averages the per-batch variances instead, which is the same for many equal batches). Per batch the step computes
-each layer's count, mean and sum of squared deviations from that mean; the host combines the batches in float64
-(Chan's parallel formula), so no E[x^2] - E[x]^2 cancellation enters. Under `jax.jit` a batch sharded over a
-mesh's devices is reduced over all of them.
+The definition is PreciseBN's (fvcore's `fvcore.nn.update_bn_stats`, which detectron2's PreciseBN hook runs, and
+pycls's `compute_precise_bn_stats`): the network runs in training mode, so every layer normalises with its
+batch's statistics, and each layer's input is gathered over the batches; its mean and unbiased variance over all
+the positions of all the batches are the new statistics, the batches pooled as fvcore's
+`_PopulationVarianceEstimator` pools them (pycls averages the per-batch variances, an estimate of the same
+variance for batches drawn at random). Per batch the step computes each layer's count, mean and sum of squared
+deviations from that mean; the host combines the batches in float64 (Chan's parallel formula), so no
+E[x^2] - E[x]^2 cancellation enters. Under `jax.jit` a batch sharded over a mesh's devices is reduced over all
+of them.
 
     stats = precise_batch_norm(model, variables, batches, max_images=2000)
     evaluated = {**variables, "batch_stats": stats.batch_stats}   # params untouched
