@@ -237,7 +237,7 @@ def do_attribute(args, model, variables, serving, out: Path) -> str:
     else:
         attr = attribution.integrated_gradients(model, variables, image, args.target, None, mean, std)
     attr = np.asarray(attr)[0]
-    logits = np.asarray(model.apply(variables, (image - mean) / std, train=False))[0]
+    logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, (image - mean) / std))[0]
     probs = np.asarray(jax.nn.softmax(logits))
     attribution.save_png(out / "attribution.png", attribution.overlay(image[0], attr))
     np.save(out / "attribution.npy", attr)
