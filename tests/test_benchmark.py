@@ -213,3 +213,38 @@ def test_compile_frozen_runs_a_step_with_batch_norm_folded_by_inductor():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
     with pytest.raises(ValueError, match="inference only"):
         TorchRunner("compile_frozen", "train", 2, 32, "float32", args, torch)
+
+
+def test_a_compile_variant_gets_an_untimed_call_even_with_no_warmup(monkeypatch):
+    # A later torch.compile variant's first call resets Dynamo's caches, so an earlier one recompiles on its next
+    # call; that call must not fall in a timed window. Stand-in runners record how often they ran before timing.
+    import experiments.benchmark.cli as cli
+
+    class Fake:
+        framework, first_call_s, compile_info = "torch", 1.0, {}
+
+        def __init__(self, variant):
+            self.variant, self.calls = variant, 0
+
+        def step(self):
+            self.calls += 1
+
+        def sync(self):
+            pass
+
+        def counted_flops(self):
+            return 1.0
+
+    fakes = [Fake("eager"), Fake("compile"), Fake("compile_frozen")]
+    calls_before_timing = {}
+
+    def time_window(runner, steps):
+        calls_before_timing.setdefault(runner.variant, runner.calls)
+        return 0.1
+
+    monkeypatch.setattr(cli, "build_runners", lambda *a: fakes)
+    monkeypatch.setattr(cli, "time_window", time_window)
+    args = cli.parse_args(["--warmup", "0", "--steps", "1", "--repeats", "1"])
+    cells, _ = cli.measure_config("eval", 2, "float32", args, ["torch"], None, None, {"float32": (1e12, "test")})
+    assert len(cells) == 3
+    assert calls_before_timing == {"eager": 0, "compile": 1, "compile_frozen": 1}
