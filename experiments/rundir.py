@@ -8,9 +8,11 @@ starts), metrics.jsonl, checkpoints/<step> (orbax, the last MAX_TO_KEEP), and th
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import gc
 import json
+import logging
 import os
 import re
 import shutil
@@ -18,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -174,7 +177,8 @@ def write_failed(what: str, error: BaseException, workdir: Path, last_step: int 
 
 def _reason(error: BaseException, report: str) -> str:
     """The system's reason for a failed write (strerror): from the error or the errors it arose from, else from
-    an "[Errno N] reason" in the error or `report`, else the error's first line."""
+    an "[Errno N] reason" in the error or `report`, else from tensorstore's status code, else the error's first
+    line."""
     seen = error
     for _ in range(10):
         if seen is None:
@@ -183,7 +187,15 @@ def _reason(error: BaseException, report: str) -> str:
             return seen.strerror
         seen = seen.__cause__ or seen.__context__
     found = re.search(r"\[Errno \d+\] ([^\]\n\"':]+)", f"{error}\n{report}")
-    return found.group(1).strip() if found else (str(error).splitlines() or [type(error).__name__])[0][:200]
+    if found:
+        return found.group(1).strip()
+    status = str(error).split(":", 1)[0]
+    return WRITE_STATUS.get(status) or (str(error).splitlines() or [type(error).__name__])[0][:200]
+
+
+# tensorstore's status codes for failed writes, as absl maps the system's errors to them
+WRITE_STATUS = {"OUT_OF_RANGE": os.strerror(errno.EFBIG), "RESOURCE_EXHAUSTED": os.strerror(errno.ENOSPC),
+                "PERMISSION_DENIED": os.strerror(errno.EACCES)}
 
 
 def _remove_leftovers(workdir: Path) -> None:
@@ -267,6 +279,10 @@ class Checkpoints:
                     gc.collect()  # orbax's failed futures report themselves when freed: now, into the held output
                     raise
         except Exception as e:  # orbax and tensorstore raise OSError, ValueError or their own on a failed write
+            # The run ends here; the failed save's asyncio tasks and coroutines, freed at exit, would each report
+            # the failure again.
+            logging.getLogger("asyncio").disabled = True
+            warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
             raise write_failed(f"saving checkpoint {step}", e, self.workdir, self.saved, "".join(held)) from None
         self.saved = step
 
