@@ -37,7 +37,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments import cli, loop, plots, progress, rundir, start
+from experiments import cli, inference, loop, plots, progress, rundir, start
 from experiments.cli import UsageError
 from jax_googlenet import data, distributed, imagenet, train
 from jax_googlenet.data import pipeline
@@ -59,6 +59,19 @@ CONFIG_FLAGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmu
 FREE = ("data", "data_dir", "bad_images")
 # The fields every run's config.json holds (later ones, e.g. the data's sizes, are checked where present).
 STORED = (*DEFAULTS, "classes", "transform_input")
+# What each config field holds, checked on --resume.
+FIELDS = {"variant": rundir.one_of("torchvision"), "aux_logits": rundir.FLAG,
+          "loss_mode": rundir.one_of(*train.LOSS_MODES), "image_size": rundir.POSITIVE,
+          "resize_size": rundir.POSITIVE, "batch_size": rundir.POSITIVE, "epochs": rundir.POSITIVE,
+          "lr": rundir.NUMBER, "momentum": rundir.NUMBER, "nesterov": rundir.FLAG,
+          "schedule": rundir.one_of("constant", "cosine", "onecycle"), "warmup_epochs": rundir.NUMBER,
+          "weight_decay": rundir.NUMBER, "label_smoothing": rundir.FRACTION, "backbone_lr_scale": rundir.NUMBER,
+          "freeze_backbone": rundir.FLAG, "crop_scale": rundir.FRACTION, "hflip": rundir.FRACTION,
+          "init": rundir.OPTIONAL_TEXT, "seed": rundir.INTEGER, "dtype": rundir.one_of("float32", "bfloat16"),
+          "data": rundir.TEXT, "data_dir": rundir.OPTIONAL_TEXT, "val_fraction": rundir.OPTIONAL_FRACTION,
+          "val_split": rundir.OPTIONAL_TEXT, "bad_images": rundir.one_of("skip", "stop"),
+          "classes": rundir.TEXTS, "transform_input": rundir.FLAG, "train_size": rundir.NATURAL,
+          "test_size": rundir.NATURAL}
 
 
 def parse_args(argv):
@@ -143,7 +156,7 @@ def make_config(args, stored: dict | None) -> dict:
         if getattr(args, key) is not None:
             given[key] = getattr(args, key)
     if stored is not None:
-        return rundir.resume_config(stored, given, args.workdir, free=FREE, required=STORED)
+        return rundir.resume_config(stored, given, args.workdir, free=FREE, required=STORED, fields=FIELDS)
     cfg = {**DEFAULTS, **given}
     if cfg["resize_size"] is None:
         cfg["resize_size"] = round(cfg["image_size"] * 256 / 224)
@@ -202,15 +215,25 @@ def set_up(args, workdir: Path, stored: dict | None) -> loop.Job:
     state, cfg["transform_input"] = create_state(cfg, init_rng, steps_per_epoch,
                                                  init=None if args.resume else cfg["init"], lead=lead,
                                                  stored=stored)
-    train_step, eval_step = make_steps(cfg, dropout_rng, mesh)
-    train_batches, eval_batches = make_batches(cfg, dataset, steps_per_epoch, workers(args))
+    model = state.apply_fn.__self__  # the GoogLeNet create_state built
+    train_step, eval_step = make_steps(cfg, model, dropout_rng, mesh)
+    num_workers = workers(args)
+    train_batches, eval_batches = make_batches(cfg, dataset, steps_per_epoch, num_workers)
+    images = inference.recalibrate_images(
+        args.bn_recalibrate, len(dataset.train),
+        off="--freeze-backbone: the pretrained ones" if cfg["freeze_backbone"] else None)
+    evaluated = inference.Inference(
+        model, images=images, preprocess=imagenet.normalize, mesh=mesh, lead=lead,
+        options=compiler_options(cfg["image_size"], cfg["dtype"]),
+        batches=functools.partial(recalibration_batches, cfg, dataset.train, train_batches.check, num_workers))
     print(f"transforms: train RandomResizedCrop({cfg['image_size']}, scale=({cfg['crop_scale']:g}, 1)) + "
           f"horizontal flip p={cfg['hflip']:g}, eval Resize({cfg['resize_size']}) + CenterCrop({cfg['image_size']}) "
           f"(torchvision's, on the host)", flush=True)
     job = loop.Job(cfg=cfg, workdir=workdir, mesh=mesh, state=distributed.replicate(state, mesh),
                    steps_per_epoch=steps_per_epoch, train_step=train_step, eval_step=eval_step,
                    train_batches=train_batches, eval_batches=eval_batches, lead=lead,
-                   write_details=functools.partial(write_evaluation, classes=dataset.classes))
+                   write_details=functools.partial(write_evaluation, classes=dataset.classes),
+                   inference=evaluated)
     loop.restore_or_start(job, args.resume)
     return job
 
@@ -267,15 +290,16 @@ def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead
     return state, transform_input
 
 
-def make_steps(cfg: dict, dropout_rng, mesh):
-    """The jitted train (or linear-probe) and eval steps on uint8 crops, normalised on the device."""
+def make_steps(cfg: dict, model, dropout_rng, mesh):
+    """The jitted train (or linear-probe) step and folded eval step (`experiments.inference`) on uint8 crops,
+    normalised on the device."""
     step = (train.probe_step if cfg["freeze_backbone"] else
             functools.partial(train.train_step, loss_mode=cfg["loss_mode"]))
     options = compiler_options(cfg["image_size"], cfg["dtype"])
     return (train.jit_train_step(options, step=step, mesh=mesh, rng=dropout_rng, preprocess=imagenet.normalize,
                                  label_smoothing=cfg["label_smoothing"]),
-            train.jit_eval_step(options, mesh=mesh, preprocess=imagenet.normalize,
-                                num_classes=len(cfg["classes"])))
+            inference.jit_folded_eval_step(model, options, mesh=mesh, preprocess=imagenet.normalize,
+                                           num_classes=len(cfg["classes"])))
 
 
 def make_batches(cfg: dict, dataset, steps_per_epoch: int, num_workers: int):
@@ -298,6 +322,16 @@ def make_batches(cfg: dict, dataset, steps_per_epoch: int, num_workers: int):
                                                  blank=data.blank(size), workers=num_workers))
 
     return EpochsOfOneStream(stream, steps_per_epoch, train_checked), eval_batches
+
+
+def recalibration_batches(cfg: dict, source, check, num_workers: int, images: int):
+    """Whole batches of `images` training images, shuffled by the seed, under the evaluation transform, for
+    BatchNorm's recalibration; an unreadable image (reported once by `check`) takes a readable one's place."""
+    transform = functools.partial(data.eval_transform, size=cfg["image_size"], resize_to=cfg["resize_size"])
+    batches = pipeline.train_batches(source, global_batch=cfg["batch_size"], seed=cfg["seed"], start_step=0,
+                                     stop_step=inference.whole_batches(images, cfg["batch_size"]),
+                                     transform=transform, workers=num_workers)
+    return ({"image": batch["image"]} for batch in check(iter(batches)))
 
 
 class EpochsOfOneStream:
@@ -352,7 +386,7 @@ def save_final_model(job: loop.Job) -> None:
         print(f"{path} exists already; left as it is", flush=True)
         return
     cfg = job.cfg
-    variables = jax.device_get({"params": job.state.params, "batch_stats": job.state.batch_stats})
+    variables = job.inference.variables(job.state)  # the evaluated statistics, recalibrated
     save_model(path, variables, {"variant": cfg["variant"], "num_classes": len(cfg["classes"]), "in_channels": 3,
                                  "aux_logits": cfg["aux_logits"], "transform_input": cfg["transform_input"]})
     print(f"wrote {path}: the trained model (--evaluate {path}, --init {path})", flush=True)
@@ -370,7 +404,8 @@ def evaluate_only(args) -> dict:
     workdir = Path(args.workdir) if args.workdir else None
     if workdir is not None and workdir.exists() and any(workdir.iterdir()):
         raise UsageError(f"--workdir {workdir} is not empty; choose a new directory for the evaluation")
-    dataset = load_data(cfg, evaluate_only=True)
+    images = args.bn_recalibrate or 0  # off unless asked: the weights' own statistics
+    dataset = load_data(cfg, evaluate_only=not images)
     try:
         from convert import load_weights
 
@@ -383,14 +418,21 @@ def evaluate_only(args) -> dict:
     mesh = start.make_mesh(args.devices, cfg["batch_size"])
     state = train.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=train.make_optimizer(0.0),
                                     batch_stats=variables.get("batch_stats", {}))
-    eval_step = train.jit_eval_step(compiler_options(cfg["image_size"], cfg["dtype"]), mesh=mesh,
-                                    preprocess=imagenet.normalize, num_classes=model.num_classes)
-    _, eval_batches = make_batches(cfg, dataset, 0, workers(args))
+    options = compiler_options(cfg["image_size"], cfg["dtype"])
+    eval_step = inference.jit_folded_eval_step(model, options, mesh=mesh, preprocess=imagenet.normalize,
+                                               num_classes=model.num_classes)
+    num_workers = workers(args)
+    train_batches, eval_batches = make_batches(cfg, dataset, 0, num_workers)
+    evaluated = inference.Inference(
+        model, images=images, preprocess=imagenet.normalize, mesh=mesh, options=options,
+        lead=jax.process_index() == 0,
+        batches=functools.partial(recalibration_batches, cfg, dataset.train, train_batches.check, num_workers))
+    folded_variables = evaluated(distributed.replicate(state, mesh))
     print(f"transform: Resize({cfg['resize_size']}) + CenterCrop({cfg['image_size']}) (torchvision's, on the "
           f"host); {xla_kernels(cfg['image_size'], cfg['dtype'])}", flush=True)
     lead = jax.process_index() == 0
     with progress.bar(len(dataset.val), desc="evaluating", disable=not lead) as shown:
-        metrics, details = loop.evaluate_batches(eval_step, distributed.replicate(state, mesh),
+        metrics, details = loop.evaluate_batches(eval_step, folded_variables,
                                                  counted(eval_batches(), shown), mesh)
     if workdir is not None and lead:
         workdir.mkdir(parents=True, exist_ok=True)

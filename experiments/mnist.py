@@ -18,12 +18,14 @@ exit status 2; a failed write (a full disk): one line, exit status 1, the last c
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import sys
 from pathlib import Path
 
 import jax
 
-from experiments import cli, loop, rundir, start
+from experiments import cli, inference, loop, rundir, start
 from experiments.cli import UsageError
 from jax_googlenet import data, distributed, train
 from jax_googlenet.model import RENAMED, accepted_sides, googlenet
@@ -96,6 +98,16 @@ CONFIG_FLAGS = ("variant", "epochs", "batch_size", "lr", "momentum", "image_size
                 "data_dir")
 # The fields every run's config.json holds (later ones, e.g. the data's sizes, are checked where present).
 STORED = ("preset", *PRESETS["quick"], "seed", "dtype", "data", "data_dir")
+# What each config field holds, checked on --resume.
+FIELDS = {"preset": rundir.one_of(*PRESETS), "variant": rundir.one_of("torchvision", "paper", "writeup"),
+          "loss_mode": rundir.one_of(*train.LOSS_MODES), "in_channels": rundir.Field("1 or 3", lambda v: v in (1, 3)
+                                                                                       and type(v) is int),
+          "aux_logits": rundir.FLAG, "image_size": rundir.POSITIVE, "batch_size": rundir.POSITIVE,
+          "epochs": rundir.POSITIVE, "lr": rundir.NUMBER, "momentum": rundir.NUMBER, "nesterov": rundir.FLAG,
+          "schedule": rundir.one_of("constant", "cosine", "onecycle"), "warmup_epochs": rundir.NUMBER,
+          "weight_decay": rundir.NUMBER, "max_shift": rundir.NATURAL, "seed": rundir.INTEGER,
+          "dtype": rundir.one_of("float32", "bfloat16"), "data": rundir.TEXT, "data_dir": rundir.OPTIONAL_TEXT,
+          "train_size": rundir.NATURAL, "test_size": rundir.NATURAL}
 # Config fields whose values have been renamed (jax_googlenet.model.RENAMED); a run written before holds the old.
 RENAMED_FIELDS = ("preset", "variant", "loss_mode")
 
@@ -112,7 +124,7 @@ def make_config(args, stored: dict | None) -> dict:
         given["preset"] = args.preset
     if stored is not None:
         return rundir.resume_config(current_names(stored, args.workdir), given, args.workdir,
-                                    free=("data", "data_dir"), required=STORED)
+                                    free=("data", "data_dir"), required=STORED, fields=FIELDS)
     preset = given.get("preset") or default_preset()
     print(f"preset: {preset} ({'--preset' if args.preset else 'the default on this JAX backend'})", flush=True)
     return {"preset": preset, **PRESETS[preset], "seed": 0, "dtype": "float32", "data": "auto", "data_dir": None,
@@ -121,7 +133,7 @@ def make_config(args, stored: dict | None) -> dict:
 
 def current_names(stored: dict, workdir: str) -> dict:
     """A stored config in today's names: a run written before a rename holds the old ones; one line says so."""
-    old = {k: stored[k] for k in RENAMED_FIELDS if stored.get(k) in RENAMED}
+    old = {k: stored[k] for k in RENAMED_FIELDS if isinstance(stored.get(k), str) and stored[k] in RENAMED}
     if not old:
         return stored
     print(f"--resume: {workdir} was written under earlier names, read as today's: "
@@ -158,13 +170,18 @@ def set_up(args, workdir: Path, stored: dict | None) -> loop.Job:
     init_rng, dropout_rng, shift_rng = jax.random.split(jax.random.key(cfg["seed"]), 3)
     lead = jax.process_index() == 0
     state = create_state(cfg, init_rng, steps_per_epoch, init=None if args.resume else args.init, lead=lead)
-    train_step, eval_step = make_steps(cfg, dropout_rng, shift_rng, mesh)
+    model = state.apply_fn.__self__  # the GoogLeNet create_state built
+    train_step, eval_step, inference = make_steps(cfg, model, dropout_rng, shift_rng, mesh, lead=lead,
+                                                  images=inference_images(args, len(dataset.train)),
+                                                  recalibration_batches=functools.partial(
+                                                      recalibration_batches, dataset.train, cfg))
     job = loop.Job(
         cfg=cfg, workdir=workdir, mesh=mesh, state=distributed.replicate(state, mesh),
         steps_per_epoch=steps_per_epoch, train_step=train_step, eval_step=eval_step,
         train_batches=lambda epoch, first: data.train_batches(dataset.train, global_batch=batch_size,
                                                               seed=cfg["seed"], epoch=epoch, start_step=first),
-        eval_batches=lambda: data.eval_batches(dataset.test, global_batch=batch_size), lead=lead)
+        eval_batches=lambda: data.eval_batches(dataset.test, global_batch=batch_size), lead=lead,
+        inference=inference)
     loop.restore_or_start(job, args.resume)
     return job
 
@@ -182,9 +199,23 @@ def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead
     return start.warm_start(init, model, state) if init else state
 
 
-def make_steps(cfg: dict, dropout_rng, shift_rng, mesh):
-    """The jitted train and eval steps: uint8 digits resized and normalised on the device, shifted at random
-    in training (`max_shift`)."""
+def inference_images(args, train_size: int) -> int:
+    """The training images BatchNorm is recalibrated over before each evaluation (`--bn-recalibrate`)."""
+    return inference.recalibrate_images(args.bn_recalibrate, train_size)
+
+
+def recalibration_batches(train, cfg: dict, images: int):
+    """Whole batches of the training digits, shuffled by the seed, as the evaluation preprocesses them (no
+    shift)."""
+    batch = cfg["batch_size"]
+    return itertools.islice(data.train_batches(train, global_batch=batch, seed=cfg["seed"], epoch=0),
+                            inference.whole_batches(images, batch))
+
+
+def make_steps(cfg: dict, model, dropout_rng, shift_rng, mesh, *, images: int, recalibration_batches, lead: bool):
+    """The jitted train step and folded eval step, and what the eval step takes (`experiments.inference`: the
+    BatchNorm statistics recalibrated over `images` training digits): uint8 digits resized and normalised on
+    the device, shifted at random in training (`max_shift`)."""
     preprocess = data.make_preprocess(cfg["image_size"], channels=cfg["in_channels"])
     max_shift = cfg["max_shift"]
 
@@ -195,8 +226,10 @@ def make_steps(cfg: dict, dropout_rng, shift_rng, mesh):
         return train.train_step(state, batch, dropout_rng, loss_mode=cfg["loss_mode"], preprocess=preprocess)
 
     options = compiler_options(cfg["image_size"], cfg["dtype"])
+    evaluated = inference.Inference(model, images=images, batches=recalibration_batches, preprocess=preprocess,
+                                    options=options, mesh=mesh, lead=lead)
     return (train.jit_train_step(options, step=train_fn, mesh=mesh),
-            train.jit_eval_step(options, mesh=mesh, preprocess=preprocess))
+            inference.jit_folded_eval_step(model, options, mesh=mesh, preprocess=preprocess), evaluated)
 
 
 def check_image_size(cfg: dict) -> None:

@@ -13,6 +13,7 @@ import fcntl
 import gc
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import jax
 import numpy as np
@@ -104,20 +105,54 @@ def read_config(path: Path) -> dict:
     return cfg
 
 
+class Field(NamedTuple):
+    """What a config field holds: `what` in words, `fits(value)` the check."""
+
+    what: str
+    fits: Callable[[Any], bool]
+
+
+def _number(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+INTEGER = Field("an integer", lambda v: type(v) is int)
+NATURAL = Field("an integer of at least 0", lambda v: type(v) is int and v >= 0)
+POSITIVE = Field("an integer of at least 1", lambda v: type(v) is int and v >= 1)
+NUMBER = Field("a finite number", _number)
+FRACTION = Field("a number from 0 to 1", lambda v: _number(v) and 0 <= v <= 1)
+FLAG = Field("true or false", lambda v: type(v) is bool)
+TEXT = Field("a string", lambda v: type(v) is str)
+OPTIONAL_TEXT = Field("a string or null", lambda v: v is None or type(v) is str)
+OPTIONAL_FRACTION = Field("a number from 0 to 1 or null", lambda v: v is None or FRACTION.fits(v))
+TEXTS = Field("a list of strings", lambda v: type(v) is list and all(type(x) is str for x in v))
+
+
+def one_of(*choices: str) -> Field:
+    """A field holding one of `choices`."""
+    return Field("one of " + ", ".join(map(repr, choices)), lambda v: type(v) is str and v in choices)
+
+
 def resume_config(stored: dict, given: dict, workdir: str | Path, *, free: tuple[str, ...] = (),
-                  required: tuple[str, ...] = ()) -> dict:
+                  required: tuple[str, ...] = (), fields: dict[str, Field] | None = None) -> dict:
     """The stored config of a run to resume, with the given flags: each must agree with it, but those in `free`
-    (e.g. where the data lives), which replace the stored values; the stored one has every `required` key."""
+    (e.g. where the data lives), which replace the stored values; the stored one has every `required` key, and
+    each value of `fields` it holds fits its field."""
+    where = Path(workdir) / "config.json"
     missing = [k for k in required if k not in stored]
     if missing:
-        raise UsageError(f"--resume: {Path(workdir) / 'config.json'} lacks {', '.join(missing)}; it was not "
-                         f"written by this job")
+        raise UsageError(f"--resume: {where} lacks {', '.join(missing)}; it was not written by this job")
+    cfg = {**stored, **{k: v for k, v in given.items() if k in free}}
+    for key, field in (fields or {}).items():
+        if key in cfg and not field.fits(cfg[key]):
+            raise UsageError(f"--resume: {where} has {key} {json.dumps(cfg[key])[:80]}, not {field.what}; it was "
+                             f"not written by this job")
     for key, value in given.items():
         if key not in free and stored.get(key) != value:
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"--resume: the checkpoint in {workdir} was trained with {flag} {stored.get(key)}, "
                              f"not {value}")
-    return {**stored, **{k: v for k, v in given.items() if k in free}}
+    return cfg
 
 
 def new_workdir(name: str) -> Path:
