@@ -3,8 +3,11 @@ serving it needs (`serving`: image size, resize, normalisation, class names)."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import json
 
@@ -137,8 +140,27 @@ def load_model(directory: str | Path) -> tuple[GoogLeNet, dict[str, Any]]:
     first_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=first_device),
                           abstract_variables(model))
-    variables = checkpointer.restore(path, ocp.args.Composite(variables=ocp.args.StandardRestore(target)))
+    with _closed_loop_reports_dropped():
+        variables = checkpointer.restore(path, ocp.args.Composite(variables=ocp.args.StandardRestore(target)))
     return model, variables["variables"]
+
+
+@contextlib.contextmanager
+def _closed_loop_reports_dropped() -> Iterator[None]:
+    """sys.unraisablehook without asyncio's "Event loop is closed" while the block runs, and from then on if it
+    raises: a restore that fails on a damaged file closes orbax's event loop while tensorstore's other reads are
+    in flight, and each of them reports the closed loop when it completes (tens of tracebacks, some after the
+    caller's one-line error)."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+                and any(f.name == "call_soon_threadsafe" for f in traceback.extract_tb(unraisable.exc_traceback))):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    yield  # an exception leaves the hook in place: the failed restore's reads still finish later
+    sys.unraisablehook = previous
 
 
 def abstract_variables(model: GoogLeNet) -> dict[str, Any]:
