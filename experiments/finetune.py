@@ -208,6 +208,7 @@ def set_up(args, workdir: Path, stored: dict | None) -> loop.Job:
         raise UsageError(f"--batch-size {cfg['batch_size']} is larger than the {len(dataset.train)} training "
                          f"images")
     mesh = start.make_mesh(args.devices, cfg["batch_size"])
+    start.enable_compile_cache(args)
     steps_per_epoch = pipeline.steps_per_epoch(len(dataset.train), cfg["batch_size"])
 
     init_rng, dropout_rng = jax.random.split(jax.random.key(cfg["seed"]))
@@ -416,6 +417,7 @@ def evaluate_only(args) -> dict:
         raise UsageError(f"--evaluate {args.evaluate}: a {model.num_classes}-class model, but --data {cfg['data']} "
                          f"has {len(dataset.classes)} classes")
     mesh = start.make_mesh(args.devices, cfg["batch_size"])
+    start.enable_compile_cache(args)
     state = train.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=train.make_optimizer(0.0),
                                     batch_stats=variables.get("batch_stats", {}))
     options = compiler_options(cfg["image_size"], cfg["dtype"])

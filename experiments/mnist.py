@@ -166,6 +166,7 @@ def set_up(args, workdir: Path, stored: dict | None) -> loop.Job:
     steps_per_epoch = data.steps_per_epoch(len(dataset.train), batch_size)
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {batch_size} is larger than the {len(dataset.train)} training images")
+    start.enable_compile_cache(args)
 
     init_rng, dropout_rng, shift_rng = jax.random.split(jax.random.key(cfg["seed"]), 3)
     lead = jax.process_index() == 0

@@ -40,12 +40,12 @@ def claimed(workdir: str | None, resume: bool, default: str) -> Iterator[tuple[P
     """(the run directory, its stored config on `resume`), the directory locked for this run while the block
     runs: --workdir, or a new runs/<default>-<time>-<pid>. A directory another run holds, a new run in one that
     holds a run (config.json) or checkpoints without a config, and --resume where there is no run are refused
-    before anything is written; a directory this call created and the run left without a config.json is
-    removed again."""
+    before anything is written; the directories this call created (runs/ too) are removed again where the run
+    left them empty."""
     path = Path(workdir) if workdir else new_workdir(default)
     if resume and not (path / "config.json").is_file():
         raise UsageError(f"--resume: {path} holds no run (no config.json)")
-    created = not path.exists()
+    created = [p for p in (path, *path.parents) if not p.exists()]  # innermost first
     lock = _lock(path) if jax.process_index() == 0 else None  # process 0 claims for the run
     try:
         if lock is not None:
@@ -64,9 +64,9 @@ def claimed(workdir: str | None, resume: bool, default: str) -> Iterator[tuple[P
         if lock is not None:
             (path / LOCK).unlink(missing_ok=True)  # still held: a run that opened it meanwhile retries (_lock)
             os.close(lock)
-        if created:
-            with contextlib.suppress(OSError):  # not empty: the run started
-                path.rmdir()
+        with contextlib.suppress(OSError):  # not empty: the run started
+            for directory in created:
+                directory.rmdir()
 
 
 def _lock(path: Path) -> int:

@@ -14,11 +14,15 @@ from experiments.cli import UsageError
 
 
 def start_process(args) -> None:
-    """Join a multi-process run if the run flags (`cli.add_run_flags`) ask for one, keep freed host memory for
-    reuse unless --system-malloc (`host_memory`, its line printed) and turn the persistent compilation cache on
-    unless --no-compile-cache."""
+    """Join a multi-process run if the run flags (`cli.add_run_flags`) ask for one and keep freed host memory
+    for reuse unless --system-malloc (`host_memory`, its line printed)."""
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     print(host_memory.configure(args.system_malloc), flush=True)
+
+
+def enable_compile_cache(args) -> None:
+    """Turn the persistent compilation cache on unless --no-compile-cache: once the arguments, the run
+    directory and the data are checked, before the first compile, so that refused arguments create nothing."""
     if not args.no_compile_cache:
         compilation_cache.enable()
 

@@ -498,3 +498,21 @@ def test_a_model_directory_whose_config_has_an_unknown_key_is_one_line_exit_2_in
                         "--system-malloc"])
     err = capsys.readouterr().err
     assert one_line_exit_2(rc, err) and "dropout" in err, err
+
+@pytest.mark.parametrize("job, argv", [
+    ("mnist", ["--image-size", "8"]),
+    ("mnist", ["--data", "nonsense"]),
+    ("finetune", ["--data", "nonsense"]),
+])
+def test_refused_arguments_create_no_compilation_cache_directory(job, argv, tmp_path, monkeypatch, capsys):
+    """Arguments refused after parsing (an image size the variant does not take, an unknown --data) leave no
+    compilation cache directory behind."""
+    import importlib
+
+    main = importlib.import_module(f"experiments.{job}").main
+    monkeypatch.setenv("JAX_GOOGLENET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert one_line_exit_2(rc, err), err
+    assert list(tmp_path.iterdir()) == []
