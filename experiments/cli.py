@@ -53,6 +53,11 @@ def add_run_flags(p: argparse.ArgumentParser, name: str) -> None:
                    "--process-id (under srun or mpirun the processes find each other)")
     p.add_argument("--num-processes", type=int, default=None, help="processes in a multi-host run")
     p.add_argument("--process-id", type=int, default=None, help="this process's index in a multi-host run")
+    p.add_argument("--bn-recalibrate", type=int, default=None, metavar="N",
+                   help="before each evaluation and model/, recompute BatchNorm's statistics over up to N training "
+                   "images under the evaluation transform, for what is evaluated and saved (the checkpoints keep "
+                   "the running ones; default: one epoch's images, at most 2,000; 0: off; off with "
+                   "--freeze-backbone and --evaluate unless given)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="computation dtype; parameters and optimizer state stay float32")
     p.add_argument("--no-compile-cache", action="store_true",
@@ -68,5 +73,7 @@ def check_run_flags(args, positive: tuple[str, ...]) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.bn_recalibrate is not None and args.bn_recalibrate < 0:
+        raise UsageError(f"--bn-recalibrate must be at least 0 (0: off), got {args.bn_recalibrate}")
     if args.resume and args.workdir is None:
         raise UsageError("--resume needs the --workdir of the run to continue")

@@ -43,8 +43,9 @@ from jax_googlenet import compilation_cache, distributed
 @dataclasses.dataclass
 class Job:
     """What a job's set-up hands the loop. `train_step(state, batch) -> (state, {"loss", "accuracy"})` and
-    `eval_step(state, batch) -> {"loss", "correct", "count", ...}` (sums; see `evaluate_batches` for more) are
-    jitted (`jax_googlenet.train.jit_train_step`); batches are this process's rows, sharded over `mesh` here."""
+    `eval_step(evaluated, batch) -> {"loss", "correct", "count", ...}` (sums; see `evaluate_batches` for more;
+    `evaluated`: the state, or `inference(state)`) are jitted (`jax_googlenet.train.jit_train_step`); batches
+    are this process's rows, sharded over `mesh` here."""
 
     cfg: dict  # the flat config written to config.json; the loop reads "epochs" and "batch_size"
     workdir: Path
@@ -63,6 +64,8 @@ class Job:
     # (workdir, test metrics, the evaluation's array sums) -> more files, on the lead process after each epoch
     write_details: Callable[[Path, dict, dict], None] | None = None
     details: dict = dataclasses.field(default_factory=dict)  # the latest evaluation's array sums
+    # state -> what eval_step takes in its place (experiments.inference: recalibrated, folded); None: the state
+    inference: Callable[[Any], Any] | None = None
 
 
 def train_and_evaluate(job: Job, stop: StopFlag) -> float:
@@ -164,8 +167,10 @@ def train_epoch(job: Job, epoch: int, stop: StopFlag) -> Trained:
 
 
 def evaluate(job: Job) -> dict:
-    """The test metrics over every test example (see `evaluate_batches`); array sums kept in `job.details`."""
-    metrics, job.details = evaluate_batches(job.eval_step, job.state,
+    """The test metrics over every test example (see `evaluate_batches`) of the state as `job.inference` makes
+    it; array sums kept in `job.details`."""
+    evaluated = job.state if job.inference is None else job.inference(job.state)
+    metrics, job.details = evaluate_batches(job.eval_step, evaluated,
                                             started_without_stop_signals(job.eval_batches()), job.mesh)
     return metrics
 

@@ -172,7 +172,7 @@ def set_up(args, workdir: Path, stored: dict | None) -> loop.Job:
     lead = jax.process_index() == 0
     state = create_state(cfg, init_rng, steps_per_epoch, init=None if args.resume else args.init, lead=lead)
     model = state.apply_fn.__self__  # the GoogLeNet create_state built
-    train_step, eval_step, inference = make_steps(cfg, model, dropout_rng, shift_rng, mesh, lead=lead,
+    train_step, eval_step, evaluated = make_steps(cfg, model, dropout_rng, shift_rng, mesh, lead=lead,
                                                   images=inference_images(args, len(dataset.train)),
                                                   recalibration_batches=functools.partial(
                                                       recalibration_batches, dataset.train, cfg))
@@ -182,7 +182,7 @@ def set_up(args, workdir: Path, stored: dict | None) -> loop.Job:
         train_batches=lambda epoch, first: data.train_batches(dataset.train, global_batch=batch_size,
                                                               seed=cfg["seed"], epoch=epoch, start_step=first),
         eval_batches=lambda: data.eval_batches(dataset.test, global_batch=batch_size), lead=lead,
-        inference=inference)
+        inference=evaluated)
     loop.restore_or_start(job, args.resume)
     return job
 
