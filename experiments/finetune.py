@@ -40,7 +40,7 @@ import numpy as np
 from experiments import cli, inference, loop, plots, progress, rundir, start
 from experiments.cli import UsageError
 from jax_googlenet import data, distributed, imagenet, train
-from jax_googlenet.data import pipeline
+from jax_googlenet.data import folder, pipeline, transforms
 from jax_googlenet.checkpoint import save_model
 from jax_googlenet.model import accepted_sides, googlenet
 from jax_googlenet.ops import compiler_options, xla_kernels
@@ -119,6 +119,12 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, default=None,
                    help="grain worker processes decoding and resizing images (default: half the CPU cores, "
                    "at least 1; 0: threads of the main process)")
+    p.add_argument("--max-pixels", type=int, default=folder.MAX_PIXELS, metavar="N",
+                   help="the most pixels an image may decode to, read from its header before decoding; a larger "
+                   f"one is unreadable (default {folder.MAX_PIXELS:,}, where PIL warns of a decompression bomb)")
+    p.add_argument("--max-resized-pixels", type=int, default=transforms.MAX_RESIZED_PIXELS, metavar="N",
+                   help="beyond this many pixels in the evaluation's resized image, only the region its centre "
+                   f"crop keeps is resized (default {transforms.MAX_RESIZED_PIXELS:,})")
     p.add_argument("--evaluate", default=None, metavar="WEIGHTS",
                    help="only evaluate WEIGHTS (a .pth or a checkpoint directory) on --data's held-out images "
                    "and print top-1 / top-5")
@@ -126,7 +132,8 @@ def parse_args(argv):
                    "augmentation and dropout (default 0)")
     cli.add_run_flags(p, "finetune")
     args = p.parse_args(argv)
-    cli.check_run_flags(args, positive=("epochs", "batch_size", "image_size", "resize_size"))
+    cli.check_run_flags(args, positive=("epochs", "batch_size", "image_size", "resize_size", "max_pixels",
+                                        "max_resized_pixels"))
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be at least 0, got {args.workers}")
     if args.label_smoothing is not None and not 0 <= args.label_smoothing < 1:
@@ -195,7 +202,7 @@ def set_up(args, workdir: Path, stored: dict | None) -> loop.Job:
     on --resume)."""
     cfg = make_config(args, stored)
     check_sizes(cfg)
-    dataset = load_data(cfg)
+    dataset = load_data(cfg, max_pixels=args.max_pixels)
     sizes = {"train_size": len(dataset.train), "test_size": len(dataset.val)}
     if stored is not None:
         if dataset.classes != cfg["classes"]:
@@ -219,14 +226,16 @@ def set_up(args, workdir: Path, stored: dict | None) -> loop.Job:
     model = state.apply_fn.__self__  # the GoogLeNet create_state built
     train_step, eval_step = make_steps(cfg, model, dropout_rng, mesh)
     num_workers = workers(args)
-    train_batches, eval_batches = make_batches(cfg, dataset, steps_per_epoch, num_workers)
+    train_batches, eval_batches = make_batches(cfg, dataset, steps_per_epoch, num_workers,
+                                               max_resized_pixels=args.max_resized_pixels)
     images = inference.recalibrate_images(
         args.bn_recalibrate, len(dataset.train),
         off="--freeze-backbone: the pretrained ones" if cfg["freeze_backbone"] else None)
     evaluated = inference.Inference(
         model, images=images, preprocess=imagenet.normalize, mesh=mesh, lead=lead,
         options=compiler_options(cfg["image_size"], cfg["dtype"]),
-        batches=functools.partial(recalibration_batches, cfg, dataset.train, train_batches.check, num_workers))
+        batches=functools.partial(recalibration_batches, cfg, dataset.train, train_batches.check, num_workers,
+                                  max_resized_pixels=args.max_resized_pixels))
     print(f"transforms: train RandomResizedCrop({cfg['image_size']}, scale=({cfg['crop_scale']:g}, 1)) + "
           f"horizontal flip p={cfg['hflip']:g}, eval Resize({cfg['resize_size']}) + CenterCrop({cfg['image_size']}) "
           f"(torchvision's, on the host)", flush=True)
@@ -249,11 +258,12 @@ def check_sizes(cfg: dict) -> None:
                          f"the centre crop needs a resize of at least the crop")
 
 
-def load_data(cfg: dict, *, evaluate_only: bool = False) -> data.ImageDataset:
-    """The dataset of `cfg["data"]` (printed), its errors as usage errors."""
+def load_data(cfg: dict, *, evaluate_only: bool = False, max_pixels: int = folder.MAX_PIXELS) -> data.ImageDataset:
+    """The dataset of `cfg["data"]` (printed), its errors as usage errors; images over `max_pixels` unreadable."""
     try:
         dataset = data.load_images(cfg["data"], data_dir=cfg["data_dir"], val_fraction=cfg["val_fraction"],
-                                   val_split=cfg["val_split"], seed=cfg["seed"], evaluate_only=evaluate_only)
+                                   val_split=cfg["val_split"], seed=cfg["seed"], evaluate_only=evaluate_only,
+                                   max_pixels=max_pixels)
     except data.DataError as e:
         raise UsageError(str(e)) from None
     print(f"dataset: {dataset.name}", flush=True)
@@ -303,7 +313,8 @@ def make_steps(cfg: dict, model, dropout_rng, mesh):
                                            num_classes=len(cfg["classes"])))
 
 
-def make_batches(cfg: dict, dataset, steps_per_epoch: int, num_workers: int):
+def make_batches(cfg: dict, dataset, steps_per_epoch: int, num_workers: int, *,
+                 max_resized_pixels: int = transforms.MAX_RESIZED_PIXELS):
     """(train_batches(epoch, start), eval_batches()) for the loop: host transforms in grain's workers,
     unreadable images reported once and skipped (or stopping the run)."""
     size, stop = cfg["image_size"], cfg["bad_images"] == "stop"
@@ -318,17 +329,20 @@ def make_batches(cfg: dict, dataset, steps_per_epoch: int, num_workers: int):
                                                hflip=cfg["hflip"]))
 
     def eval_batches():
-        transform = functools.partial(data.eval_transform, size=size, resize_to=cfg["resize_size"])
+        transform = functools.partial(data.eval_transform, size=size, resize_to=cfg["resize_size"],
+                                      max_resized_pixels=max_resized_pixels)
         return val_checked(pipeline.eval_batches(dataset.val, global_batch=cfg["batch_size"], transform=transform,
                                                  blank=data.blank(size), workers=num_workers))
 
     return EpochsOfOneStream(stream, steps_per_epoch, train_checked), eval_batches
 
 
-def recalibration_batches(cfg: dict, source, check, num_workers: int, images: int):
+def recalibration_batches(cfg: dict, source, check, num_workers: int, images: int, *,
+                          max_resized_pixels: int = transforms.MAX_RESIZED_PIXELS):
     """Whole batches of `images` training images, shuffled by the seed, under the evaluation transform, for
     BatchNorm's recalibration; an unreadable image (reported once by `check`) takes a readable one's place."""
-    transform = functools.partial(data.eval_transform, size=cfg["image_size"], resize_to=cfg["resize_size"])
+    transform = functools.partial(data.eval_transform, size=cfg["image_size"], resize_to=cfg["resize_size"],
+                                  max_resized_pixels=max_resized_pixels)
     batches = pipeline.train_batches(source, global_batch=cfg["batch_size"], seed=cfg["seed"], start_step=0,
                                      stop_step=inference.whole_batches(images, cfg["batch_size"]),
                                      transform=transform, workers=num_workers)
@@ -406,7 +420,7 @@ def evaluate_only(args) -> dict:
     if workdir is not None and workdir.exists() and any(workdir.iterdir()):
         raise UsageError(f"--workdir {workdir} is not empty; choose a new directory for the evaluation")
     images = args.bn_recalibrate or 0  # off unless asked: the weights' own statistics
-    dataset = load_data(cfg, evaluate_only=not images)
+    dataset = load_data(cfg, evaluate_only=not images, max_pixels=args.max_pixels)
     try:
         from convert import load_weights
 
@@ -424,11 +438,13 @@ def evaluate_only(args) -> dict:
     eval_step = inference.jit_folded_eval_step(model, options, mesh=mesh, preprocess=imagenet.normalize,
                                                num_classes=model.num_classes)
     num_workers = workers(args)
-    train_batches, eval_batches = make_batches(cfg, dataset, 0, num_workers)
+    train_batches, eval_batches = make_batches(cfg, dataset, 0, num_workers,
+                                               max_resized_pixels=args.max_resized_pixels)
     evaluated = inference.Inference(
         model, images=images, preprocess=imagenet.normalize, mesh=mesh, options=options,
         lead=jax.process_index() == 0,
-        batches=functools.partial(recalibration_batches, cfg, dataset.train, train_batches.check, num_workers))
+        batches=functools.partial(recalibration_batches, cfg, dataset.train, train_batches.check, num_workers,
+                                  max_resized_pixels=args.max_resized_pixels))
     folded_variables = evaluated(distributed.replicate(state, mesh))
     print(f"transform: Resize({cfg['resize_size']}) + CenterCrop({cfg['image_size']}) (torchvision's, on the "
           f"host); {xla_kernels(cfg['image_size'], cfg['dtype'])}", flush=True)

@@ -25,6 +25,8 @@ from PIL import Image
 
 from convert import torchvision_to_flax
 from experiments import finetune
+from jax_googlenet import data
+from jax_googlenet.data import folder, transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -327,5 +329,26 @@ def test_help_explains_every_flag(capsys):
         "--backbone-lr-scale", "--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay", "--warmup-epochs",
         "--label-smoothing", "--image-size", "--resize-size", "--crop-scale", "--hflip", "--no-aux", "--bad-images",
         "--workers", "--evaluate", "--seed", "--workdir", "--resume", "--devices", "--coordinator",
-        "--num-processes", "--process-id", "--dtype", "--no-compile-cache", "--system-malloc"])
+        "--num-processes", "--process-id", "--dtype", "--no-compile-cache", "--system-malloc", "--max-pixels",
+        "--max-resized-pixels"])
     assert [flag for flag, text in explained.items() if not text] == []
+
+
+def test_the_image_budgets_are_flags_given_to_the_data_layer_and_its_refusal_names_them(env, monkeypatch):
+    """--max-pixels reaches the folder source (an image over it is unreadable, the reason naming the flag) and
+    --max-resized-pixels the evaluation transform; by default both are the data layer's."""
+    defaults = finetune.parse_args(["--data", env["data"]])
+    assert (defaults.max_pixels, defaults.max_resized_pixels) == (folder.MAX_PIXELS, transforms.MAX_RESIZED_PIXELS)
+    args = finetune.parse_args(["--data", env["data"], "--max-pixels", "600", "--max-resized-pixels", "700"])
+    cfg = finetune.make_config(args, None)
+    dataset = finetune.load_data(cfg, max_pixels=args.max_pixels)
+    with pytest.raises(data.DataError, match="--max-pixels"):  # the images are 24 to 47 pixels a side
+        for i in range(len(dataset.train)):
+            dataset.train.read(i)
+    seen = []
+    real = data.eval_transform
+    monkeypatch.setattr(data, "eval_transform", lambda record, **kw: seen.append(kw) or real(record, **kw))
+    cfg["classes"] = dataset.classes
+    _, eval_batches = finetune.make_batches(cfg, dataset, 1, 0, max_resized_pixels=args.max_resized_pixels)
+    next(iter(eval_batches()))
+    assert seen and all(kw["max_resized_pixels"] == 700 for kw in seen)

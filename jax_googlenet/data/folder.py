@@ -44,7 +44,8 @@ class FolderSource:
         with Image.open(self.paths[i], formats=FORMATS) as image:  # reads the header alone
             if image.width * image.height > self.max_pixels:
                 raise DataError(f"{image.width}x{image.height} = {image.width * image.height:,} pixels, more than "
-                                f"the budget of {self.max_pixels:,} decoded pixels an image")
+                                f"the budget of {self.max_pixels:,} decoded pixels an image (the fine-tune job's "
+                                f"--max-pixels raises it)")
             return image.convert("RGB")  # decodes; torchvision's pil_loader does the same
 
     def describe(self, i: int) -> str:
