@@ -160,7 +160,11 @@ def run(args) -> list[dict[str, Any]]:
     kept, crops = [], []
     for f in files:
         try:
-            crops.append(preprocess(read_image(f, channels), serving, uint8=uint8))
+            image = read_image(f, channels)
+            try:
+                crops.append(preprocess(image, serving, uint8=uint8))
+            except UnreadableImage as e:
+                raise UnreadableImage(f"{f}: {e}") from None
             kept.append(f)
         except UnreadableImage as e:
             if f in named:

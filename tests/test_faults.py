@@ -400,7 +400,7 @@ def test_predict_on_a_1x20000_png_is_one_line_exit_2_within_8_gb(model_dir, tmp_
     before = outside_writes()
     weights = with_config_key(model_dir, tmp_path / "model")
     result = run_command("experiments.predict", ["--weights", str(weights), str(image), "--top-k", "2"], tmp_path)
-    assert_one_line_exit_2(result, "1x20000")
+    assert_one_line_exit_2(result, "line.png: 1x20000")
     assert outside_writes() == before
 
 

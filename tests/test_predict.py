@@ -91,6 +91,20 @@ def test_predict_names_a_fine_tuned_models_classes_and_skips_unreadable_files(fi
         assert [CLASSES[t["index"]] for t in r["top_k"]] == [t["class"] for t in r["top_k"]]
 
 
+def test_predict_skips_an_image_over_the_resize_budget_in_a_folder_naming_it(fine_tuned, capsys, tmp_path):
+    """A 1x20000 PNG among the photographs would resize to 73 x 1,460,000 pixels: skipped, its path named."""
+    run, images = fine_tuned
+    for photo in ("astronaut", "chelsea", "coffee"):
+        (tmp_path / f"{photo}.png").write_bytes((images / f"{photo}.png").read_bytes())
+    Image.new("RGB", (1, 20_000)).save(tmp_path / "line.png")
+    assert predict.main(["--weights", str(run), str(tmp_path), "--json", "--top-k", "1"]) == 0
+    out = capsys.readouterr()
+    assert [r["image"] for r in json.loads(out.out)] == [str(tmp_path / f"{p}.png")
+                                                         for p in ("astronaut", "chelsea", "coffee")]
+    assert out.err.startswith(f"skipped {tmp_path / 'line.png'}: 1x20000 resizes to 73x1460000"), out.err
+    assert out.err.count("\n") == 1
+
+
 @pytest.mark.parametrize("fmt, flags", [("onnx", []), ("stablehlo", ["--uint8-input"])])
 def test_predict_on_an_exported_file_gives_the_models_predictions(fine_tuned, capsys, tmp_path, fmt, flags):
     """The same crops through the exported function: uint8 crops normalised inside or float32 ones outside;
