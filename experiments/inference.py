@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 
 import jax
 
+from experiments.rundir import started_without_stop_signals
 from jax_googlenet import distributed, train
 from jax_googlenet.fold import fold, folded
 from jax_googlenet.model import GoogLeNet
@@ -65,7 +66,8 @@ class Inference:
             if self._recalibrated is None or self._recalibrated[0] != step:
                 stats = precise_batch_norm(
                     self.model, {"params": state.params, "batch_stats": state.batch_stats},
-                    (distributed.shard_batch(b, self.mesh) for b in self.batches(self.images)),
+                    (distributed.shard_batch(b, self.mesh)
+                     for b in started_without_stop_signals(self.batches(self.images))),  # as the loop's data
                     max_images=self.images, preprocess=self.preprocess, mesh=self.mesh,
                     compiler_options=self.options)
                 if self.lead:
