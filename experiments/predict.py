@@ -21,12 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.cli import Parser, UsageError
+from jax_googlenet.data.folder import FORMATS, IMG_EXTENSIONS, MAX_PIXELS
+from jax_googlenet.data.transforms import MAX_RESIZED_PIXELS
 from jax_googlenet.imagenet import center_crop_offsets, resized_size
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
-MAX_PIXELS = 89_478_485  # decoded pixels an image may have: PIL's Image.MAX_IMAGE_PIXELS, where it warns of a bomb
-MAX_RESIZED_PIXELS = 16 * 2**20  # pixels of the resized image (float32 on the host before the crop)
+# The folder source's files and formats, and GIF: a file a user names is read as Pillow reads it, where a
+# training folder keeps to torchvision's ImageFolder extensions.
+IMAGE_SUFFIXES = (*IMG_EXTENSIONS, ".gif")
+PIL_FORMATS = (*FORMATS, "GIF")
 
 
 class UnreadableImage(ValueError):
@@ -57,7 +59,7 @@ def preprocess(image: np.ndarray, serving: dict[str, Any], *, uint8: bool) -> np
     `resize_size` (bilinear, antialiased, rounded to uint8 as torchvision does), centre crop `image_size`; then
     uint8, or scaled to [0, 1] and normalised with `mean` and `std`."""
     h, w = resized_size(*image.shape[:2], serving["resize_size"])
-    if h * w > MAX_RESIZED_PIXELS:
+    if h * w > MAX_RESIZED_PIXELS:  # resized whole here, in float32 on the host: the budget refuses the image
         raise UnreadableImage(f"{image.shape[1]}x{image.shape[0]} resizes to {w}x{h}, over the budget of "
                               f"{MAX_RESIZED_PIXELS:,} pixels")
     crop = serving["image_size"]
