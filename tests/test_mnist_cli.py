@@ -404,5 +404,5 @@ def test_help_explains_every_flag(capsys):
     assert sorted(explained) == sorted([
         "--help", "--data", "--data-dir", "--preset", "--variant", "--epochs", "--batch-size", "--lr", "--momentum",
         "--image-size", "--init", "--seed", "--workdir", "--resume", "--devices", "--coordinator",
-        "--num-processes", "--process-id", "--dtype", "--no-compile-cache", "--system-malloc"])
+        "--num-processes", "--process-id", "--dtype", "--no-compile-cache", "--system-malloc", "--bn-recalibrate"])
     assert [flag for flag, text in explained.items() if not text] == []
