@@ -41,7 +41,6 @@ from experiments import cli, inference, loop, plots, progress, rundir, start
 from experiments.cli import UsageError
 from jax_googlenet import data, distributed, imagenet, train
 from jax_googlenet.data import folder, pipeline, transforms
-from jax_googlenet.checkpoint import save_model
 from jax_googlenet.model import accepted_sides, googlenet
 from jax_googlenet.ops import compiler_options, xla_kernels
 
@@ -395,16 +394,13 @@ def write_evaluation(directory: Path, metrics: dict, details: dict, *, classes: 
 
 
 def save_final_model(job: loop.Job) -> None:
-    """model/: the trained network as `python -m convert` writes one, for --evaluate and --init."""
-    path = job.workdir / "model"
-    if path.exists():  # a run resumed after it had finished
-        print(f"{path} exists already; left as it is", flush=True)
-        return
+    """model/ (`loop.save_final_model`): the network with the evaluated statistics, recalibrated, its crops and
+    class names."""
     cfg = job.cfg
-    variables = job.inference.variables(job.state)  # the evaluated statistics, recalibrated
-    save_model(path, variables, {"variant": cfg["variant"], "num_classes": len(cfg["classes"]), "in_channels": 3,
-                                 "aux_logits": cfg["aux_logits"], "transform_input": cfg["transform_input"]})
-    print(f"wrote {path}: the trained model (--evaluate {path}, --init {path})", flush=True)
+    loop.save_final_model(job, {"variant": cfg["variant"], "num_classes": len(cfg["classes"]), "in_channels": 3,
+                                "aux_logits": cfg["aux_logits"], "transform_input": cfg["transform_input"]},
+                          {"image_size": cfg["image_size"], "resize_size": cfg["resize_size"],
+                           "mean": list(imagenet.MEAN), "std": list(imagenet.STD), "class_names": cfg["classes"]})
 
 
 # ----------------------------------------------------------------------------------------------- evaluate only

@@ -38,6 +38,7 @@ from experiments.cli import TrainingError
 from experiments.rundir import (Checkpoints, StopFlag, exit_stopped, started_without_stop_signals, write_atomic,
                                 write_config, write_failed)
 from jax_googlenet import compilation_cache, distributed
+from jax_googlenet.checkpoint import save_model
 
 
 @dataclasses.dataclass
@@ -226,3 +227,17 @@ def finish(job: Job) -> float:
     job.checkpoints.close()
     print(f"wrote {job.workdir}: config.json, metrics.jsonl, curves.png, checkpoints/{job.step}", flush=True)
     return job.history[-1]["test_accuracy"]
+
+
+def save_final_model(job: Job, config: dict, serving: dict) -> None:
+    """model/: the trained network as `python -m convert` writes one (`config`: googlenet's arguments), the
+    variables its evaluation ran (`job.inference`'s), with what serving it needs (`serving`: image size, resize,
+    normalisation, class names), for predict, export, --evaluate and --init."""
+    path = job.workdir / "model"
+    if path.exists():  # a run resumed after it had finished
+        print(f"{path} exists already; left as it is", flush=True)
+        return
+    variables = (job.inference.variables(job.state) if job.inference is not None else
+                 jax.device_get({"params": job.state.params, "batch_stats": job.state.batch_stats}))
+    save_model(path, variables, config, serving)
+    print(f"wrote {path}: the trained model (predict --weights {path}, --init {path})", flush=True)

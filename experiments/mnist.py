@@ -7,12 +7,14 @@ Two presets (flat configs below; every flag overrides its field):
 - ``writeup`` (default on an accelerator): the write-up's recipe: its network and loss, 224x224, batch
   300, SGD lr 0.001 momentum 0.7, 50 epochs; `--init googlenet.pth` warm-starts from torchvision's weights.
 
-The job writes to `--workdir`: config.json, metrics.jsonl (one line per epoch), curves.png, and orbax
-checkpoints (every epoch and on SIGINT/SIGTERM). SIGINT/SIGTERM finish the current step (at an epoch's end,
-the epoch's results too), save a checkpoint and exit with status 128 + the signal number (130, 143); `--resume`
-continues from the latest checkpoint to the same final parameters and metrics an uninterrupted run reaches;
-a second signal exits at once. One run at a time holds a --workdir (run.lock). Bad input: one line on stderr,
-exit status 2; a failed write (a full disk): one line, exit status 1, the last complete checkpoint intact.
+The job writes to `--workdir`: config.json, metrics.jsonl (one line per epoch), curves.png, orbax
+checkpoints (every epoch and on SIGINT/SIGTERM), and at the end model/ (the trained network with its image size,
+normalisation and class names, for `python -m experiments.predict --weights` and `export`). SIGINT/SIGTERM
+finish the current step (at an epoch's end, the epoch's results too), save a checkpoint and exit with status
+128 + the signal number (130, 143); `--resume` continues from the latest checkpoint to the same final parameters
+and metrics an uninterrupted run reaches; a second signal exits at once. One run at a time holds a --workdir
+(run.lock). Bad input: one line on stderr, exit status 2; a failed write (a full disk): one line, exit status 1,
+the last complete checkpoint intact.
 """
 
 from __future__ import annotations
@@ -146,7 +148,21 @@ def run(args) -> float:
     start.start_process(args)
     default = f"mnist-{args.preset or default_preset()}"
     with rundir.claimed(args.workdir, args.resume, default) as (workdir, stored), rundir.StopFlag() as stop:
-        return loop.train_and_evaluate(set_up(args, workdir, stored), stop)
+        job = set_up(args, workdir, stored)
+        accuracy = loop.train_and_evaluate(job, stop)
+        save_final_model(job)
+        return accuracy
+
+
+def save_final_model(job: loop.Job) -> None:
+    """model/ (`loop.save_final_model`): the network as evaluated, its image size, MNIST's normalisation and
+    the digits as class names."""
+    cfg = job.cfg
+    loop.save_final_model(job, {"variant": cfg["variant"], "num_classes": data.NUM_CLASSES,
+                                "in_channels": cfg["in_channels"], "aux_logits": cfg["aux_logits"]},
+                          {"image_size": cfg["image_size"], "resize_size": cfg["image_size"],
+                           "mean": [data.MEAN] * cfg["in_channels"], "std": [data.STD] * cfg["in_channels"],
+                           "class_names": [str(d) for d in range(data.NUM_CLASSES)]})
 
 
 def set_up(args, workdir: Path, stored: dict | None) -> loop.Job:

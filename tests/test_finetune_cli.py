@@ -156,6 +156,11 @@ def test_the_run_writes_metrics_curves_per_class_accuracy_confusion_checkpoints_
     assert config["classes"] == ["bright", "dark", "mid"] and config["transform_input"] is False
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [30, 35, 40]
     assert (workdir / "model" / "config").is_dir() and f"wrote {workdir / 'model'}" in out
+    from jax_googlenet.checkpoint import load_serving
+
+    serving = load_serving(workdir / "model")  # the run's crops and class names, not ImageNet's defaults
+    assert (serving["image_size"], serving["resize_size"]) == (32, 37)
+    assert serving["class_names"] == ["bright", "dark", "mid"]
 
 
 @pytest.mark.slow

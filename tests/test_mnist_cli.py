@@ -80,6 +80,30 @@ def test_cli_writes_metrics_plot_checkpoints_and_reports_accuracy_last(uninterru
 
 
 @pytest.mark.slow
+def test_the_run_ends_with_a_model_directory_whose_serving_metadata_predict_reads(uninterrupted, tmp_path, capsys):
+    """model/ holds the trained network with its image size, MNIST's normalisation and the digits as class names;
+    predict classifies a digit with it."""
+    from PIL import Image
+
+    from experiments import predict
+    from jax_googlenet.checkpoint import load_model, load_serving
+
+    workdir, out = uninterrupted
+    model, _ = load_model(workdir / "model")
+    assert (model.variant.name, model.num_classes, model.in_channels) == ("torchvision", 10, 1)
+    serving = load_serving(workdir / "model")
+    assert serving["image_size"] == serving["resize_size"] == 16  # TINY's, not the 1-channel default of 32
+    assert serving["class_names"] == [str(d) for d in range(10)]
+    assert serving["mean"] == [pytest.approx(data.MEAN)] and serving["std"] == [pytest.approx(data.STD)]
+    digit = tmp_path / "digit.png"
+    Image.fromarray(data.load_sample().test.images[0, ..., 0]).save(digit)
+    capsys.readouterr()
+    assert predict.main(["--weights", str(workdir / "model"), str(digit), "--json", "--top-k", "10"]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    assert sorted(t["class"] for t in result["top_k"]) == [str(d) for d in range(10)]
+
+
+@pytest.mark.slow
 def test_sigterm_then_resume_gives_the_uninterrupted_parameters_bit_for_bit(env, uninterrupted, capsys):
     reference_dir, _ = uninterrupted
     workdir = env["root"] / "killed"
