@@ -224,6 +224,20 @@ def flax_to_torchvision(variables: Mapping[str, Any], *, naming: str = "torchvis
 # ----------------------------------------------------------------------------------------------- loading
 
 
+def randomise_batch_norm(model: Any, seed: int = 1) -> None:
+    """Random BatchNorm affine parameters and running statistics in a torch `model`, in place, so that BatchNorm
+    is not an identity (torchvision's init leaves it one) when a parity test or a benchmark compares networks."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                for t, lo, hi in ((m.weight, 0.5, 1.5), (m.bias, -0.2, 0.2), (m.running_mean, -0.5, 0.5),
+                                  (m.running_var, 0.5, 2.0)):
+                    t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+
+
 def load_state_dict(path: str | Path) -> dict[str, Any]:
     """Load a .pth state dict without running code: `torch.load(weights_only=True)` refuses any pickle that
     would build something other than tensors and plain containers."""

@@ -6,6 +6,7 @@ import torch
 import torchvision
 
 from convert import torchvision_to_flax
+from convert.torchvision import randomise_batch_norm
 from jax_googlenet import compilation_cache
 
 # Parity is measured at full float32 precision on both sides.
@@ -13,17 +14,6 @@ jax.config.update("jax_default_matmul_precision", "highest")
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.set_float32_matmul_precision("highest")
-
-
-def randomise_batch_norm(model: torch.nn.Module, seed: int = 1) -> None:
-    """Random BatchNorm affine parameters and running statistics, so BatchNorm is not an identity."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                for t, lo, hi in ((m.weight, 0.5, 1.5), (m.bias, -0.2, 0.2), (m.running_mean, -0.5, 0.5),
-                                  (m.running_var, 0.5, 2.0)):
-                    t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import skimage.data
 import torch
 import torchvision
 
-from conftest import randomise_batch_norm
+from convert.torchvision import randomise_batch_norm
 from convert import torchvision_to_flax
 from experiments import export as export_cli
 from jax_googlenet import export

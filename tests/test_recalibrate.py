@@ -21,7 +21,7 @@ import torch
 import torchvision
 from flax import traverse_util
 
-from conftest import randomise_batch_norm
+from convert.torchvision import randomise_batch_norm
 from convert import torchvision_to_flax
 from jax_googlenet import distributed
 from jax_googlenet.model import googlenet

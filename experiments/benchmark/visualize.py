@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from convert.torchvision import randomise_batch_norm
 from experiments.benchmark.machine import configure_threads
 
 
@@ -31,13 +32,7 @@ def torch_googlenet(seed: int = 0):
 
     torch.manual_seed(seed)
     model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True, transform_input=False)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                for t, lo, hi in ((m.weight, 0.5, 1.5), (m.bias, -0.2, 0.2), (m.running_mean, -0.5, 0.5),
-                                  (m.running_var, 0.5, 2.0)):
-                    t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+    randomise_batch_norm(model, seed + 1)
     return model.eval()
 
 
