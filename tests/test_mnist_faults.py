@@ -1,0 +1,149 @@
+"""`python -m experiments.mnist` in subprocesses under faults a single in-process run cannot show: a signal to one
+process of a two-process run, and a checkpoint directory the job may not write."""
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import job_runs
+import jax
+import numpy as np
+import pytest
+
+from jax_googlenet import data
+
+ROOT = Path(__file__).resolve().parents[1]
+# torchvision variant at 16 px, global batch 8, 48 real digits: 6 steps an epoch.
+TINY = ["--variant", "torchvision", "--image-size", "16", "--batch-size", "8", "--lr", "0.02"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Real digits from the shipped sample as IDX files, and an environment whose compilation cache is this
+    module's own."""
+    root = tmp_path_factory.mktemp("mnist_faults")
+    (root / "idx").mkdir()
+    sample = data.load_sample()
+    for split, n in (("train", 48), ("test", 20)):
+        source = getattr(sample, split)
+        picks = np.linspace(0, len(source) - 1, n).astype(int)  # every class
+        image_name, label_name = data.IDX_FILES[split]
+        data.write_idx(root / "idx" / f"{image_name}.gz", source.images[picks, ..., 0])
+        data.write_idx(root / "idx" / f"{label_name}.gz", source.labels[picks].astype(np.uint8))
+    environ = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_GOOGLENET_CACHE_DIR": str(root / "xla")}
+    environ.pop("XLA_FLAGS", None)
+    return {"root": root, "data": f"idx:{root / 'idx'}", "environ": environ}
+
+
+def records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_saved_step(env):
+    """SIGINT to process 1 alone of a two-process run (jax.distributed on localhost): the processes agree on the
+    stop at the same step (an any over them), save that checkpoint together and both exit 130; neither waits
+    for the other in a collective it never enters."""
+    workdir = env["root"] / "two_processes"
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "experiments.mnist", "--data", env["data"], "--workdir", str(workdir), *TINY,
+           "--epochs", "20", "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id"]
+    procs = [subprocess.Popen(cmd + [str(i)], cwd=ROOT, env=env["environ"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        while not (workdir / "checkpoints" / "6").exists() and all(p.poll() is None for p in procs):
+            time.sleep(0.05)
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
+        procs[1].send_signal(signal.SIGINT)
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    errs = [err for _, err in outputs]
+    assert [p.returncode for p in procs] == [128 + signal.SIGINT] * 2, [e[-3000:] for e in errs]
+    assert all("Traceback" not in e for e in errs), errs
+    stopped = [[line for line in e.splitlines() if line.startswith("stopped by signal 2 at step ")] for e in errs]
+    assert all(len(lines) == 1 for lines in stopped), errs
+    assert stopped[0] == stopped[1]  # the same step, saved by both
+    step = int(stopped[0][0].split()[6].rstrip(":"))
+    assert f"saved checkpoint {step} in {workdir}" in stopped[0][0]
+    assert 6 <= step < 20 * 6
+    assert job_runs.latest_checkpoint(workdir)[0] == step
+    assert not list(workdir.rglob("*orbax-checkpoint-tmp*"))  # the save completed
+
+
+# Runs the job until its first checkpoint, saved with the first epoch's results, then sends it SIGTERM: the run
+# stops there (status 143) with checkpoint 6 and metrics.jsonl's first record.
+STOPPED_AFTER_THE_FIRST_EPOCH = """
+import os, signal, sys
+from experiments import mnist
+from jax_googlenet import data
+train_batches = data.train_batches
+def signal_after_the_first_epoch(source, *, epoch, **kwargs):
+    yield from train_batches(source, epoch=epoch, **kwargs)
+    if epoch == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+data.train_batches = signal_after_the_first_epoch
+sys.exit(mnist.main(sys.argv[1:]))
+"""
+
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, PR_CAPBSET_DROP = 1, 2, 24
+
+
+def without_permission_override():
+    """In the child before exec: drop the capabilities by which root ignores file permissions (from the
+    bounding set, so the exec'd job has them neither permitted nor effective); the kernel then checks the
+    permission bits for it as for any user. The tests run as root, whose Python (under /root, mode 0700) an
+    unprivileged uid could not even start."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if os.getuid() == 0 and libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.mark.slow
+def test_permission_denied_while_saving_is_one_line_exit_1_and_leaves_the_last_checkpoint(env):
+    """The checkpoint directory made read-only (0555) after the first checkpoint: the resumed run trains its
+    epoch, cannot save checkpoint 12 (a real EACCES: the job runs without root's permission override), says so
+    in one line and exits 1; checkpoint 6 and metrics.jsonl are as they were."""
+    workdir = env["root"] / "read_only"
+    first = subprocess.run([sys.executable, "-c", STOPPED_AFTER_THE_FIRST_EPOCH, "--data", env["data"],
+                            "--workdir", str(workdir), *TINY, "--epochs", "3"], cwd=ROOT, env=env["environ"],
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
+    assert job_runs.latest_checkpoint(workdir)[0] == 6 and [r["epoch"] for r in records(workdir)] == [1]
+    metrics_before = (workdir / "metrics.jsonl").read_bytes()
+    _, state_before = job_runs.latest_checkpoint(workdir)
+    checkpoints = workdir / "checkpoints"
+    files_before = sorted(str(p.relative_to(checkpoints)) for p in checkpoints.rglob("*"))
+
+    checkpoints.chmod(0o555)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "experiments.mnist", "--resume", "--workdir", str(workdir)],
+                              cwd=ROOT, env=env["environ"], capture_output=True, text=True, timeout=600,
+                              preexec_fn=without_permission_override)
+    finally:
+        checkpoints.chmod(0o755)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [proc.stderr.rstrip().splitlines()[-1]], proc.stderr[-3000:]  # one line, the last
+    assert errors[0].startswith(f"error: saving checkpoint 12 in {workdir} failed (Permission denied); the last "
+                                f"complete checkpoint is 6"), errors
+    assert "resumed from step 6" in proc.stdout
+    assert (workdir / "metrics.jsonl").read_bytes() == metrics_before
+    assert sorted(str(p.relative_to(checkpoints)) for p in checkpoints.rglob("*")) == files_before
+    step, state_after = job_runs.latest_checkpoint(workdir)
+    assert step == 6
+    for a, b in zip(jax.tree.leaves(state_after), jax.tree.leaves(state_before), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
