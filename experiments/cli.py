@@ -5,6 +5,7 @@ training job shares (`add_run_flags`, `check_run_flags`)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -37,6 +38,17 @@ def run_cli(work: Callable[[], str], *, bad_input: tuple[type[Exception], ...] =
         return 1
     print(line, flush=True)
     return 0
+
+
+def exit_process(status: int) -> None:
+    """End a job's process with `status`. A failed run (status 1) ends without joining the libraries' threads:
+    after a checkpoint's directory could not be created (permission denied), orbax's save threads wait 300 s for
+    it and then print their timeouts, after the run's one line."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if status == 1:
+        os._exit(status)
+    sys.exit(status)
 
 
 def add_run_flags(p: argparse.ArgumentParser, name: str) -> None:

@@ -31,7 +31,6 @@ import gc
 import itertools
 import json
 import os
-import sys
 from pathlib import Path
 
 import jax
@@ -476,4 +475,4 @@ def work(args) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_process(main())

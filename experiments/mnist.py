@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import sys
 from pathlib import Path
 
 import jax
@@ -263,4 +262,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_process(main())
