@@ -2,7 +2,10 @@
 
 from pathlib import Path
 
+import numpy as np
 import orbax.checkpoint as ocp
+
+from jax_googlenet import data
 
 
 def run_main(main, argv, capsys):
@@ -10,6 +13,21 @@ def run_main(main, argv, capsys):
     rc = main(argv)
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def write_sample_idx(directory, train: int = 48, test: int = 20) -> str:
+    """Real digits from the shipped sample, `train` and `test` of them spread over every class, as the four
+    gzipped IDX files in `directory`; the `--data` spec that reads them."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sample = data.load_sample()
+    for split, n in (("train", train), ("test", test)):
+        source = getattr(sample, split)
+        picks = np.linspace(0, len(source) - 1, n).astype(int)
+        image_name, label_name = data.IDX_FILES[split]
+        data.write_idx(directory / f"{image_name}.gz", source.images[picks, ..., 0])
+        data.write_idx(directory / f"{label_name}.gz", source.labels[picks].astype(np.uint8))
+    return f"idx:{directory}"
 
 
 def latest_checkpoint(workdir):

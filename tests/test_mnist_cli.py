@@ -30,16 +30,8 @@ TINY = ["--variant", "torchvision", "--image-size", "16", "--batch-size", "8", "
 def env(tmp_path_factory, compile_cache):
     """Real digits from the shipped sample as IDX files, and a compilation cache shared by every run here."""
     root = tmp_path_factory.mktemp("mnist_cli")
-    (root / "idx").mkdir()
-    sample = data.load_sample()
-    for split, n in (("train", 48), ("test", 20)):
-        source = getattr(sample, split)
-        picks = np.linspace(0, len(source) - 1, n).astype(int)  # every class
-        images, labels = source.images[picks, ..., 0], source.labels[picks].astype(np.uint8)
-        image_name, label_name = data.IDX_FILES[split]
-        data.write_idx(root / "idx" / f"{image_name}.gz", images)
-        data.write_idx(root / "idx" / f"{label_name}.gz", labels)
-    return {"root": root, "data": f"idx:{root / 'idx'}", "cache": compile_cache}
+    spec = job_runs.write_sample_idx(root / "idx")
+    return {"root": root, "data": spec, "cache": compile_cache}
 
 
 def run_main(argv, capsys):

@@ -16,7 +16,6 @@ import jax
 import numpy as np
 import pytest
 
-from jax_googlenet import data
 
 ROOT = Path(__file__).resolve().parents[1]
 # torchvision variant at 16 px, global batch 8, 48 real digits: 6 steps an epoch.
@@ -28,17 +27,10 @@ def env(tmp_path_factory):
     """Real digits from the shipped sample as IDX files, and an environment whose compilation cache is this
     module's own."""
     root = tmp_path_factory.mktemp("mnist_faults")
-    (root / "idx").mkdir()
-    sample = data.load_sample()
-    for split, n in (("train", 48), ("test", 20)):
-        source = getattr(sample, split)
-        picks = np.linspace(0, len(source) - 1, n).astype(int)  # every class
-        image_name, label_name = data.IDX_FILES[split]
-        data.write_idx(root / "idx" / f"{image_name}.gz", source.images[picks, ..., 0])
-        data.write_idx(root / "idx" / f"{label_name}.gz", source.labels[picks].astype(np.uint8))
+    spec = job_runs.write_sample_idx(root / "idx")
     environ = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_GOOGLENET_CACHE_DIR": str(root / "xla")}
     environ.pop("XLA_FLAGS", None)
-    return {"root": root, "data": f"idx:{root / 'idx'}", "environ": environ}
+    return {"root": root, "data": spec, "environ": environ}
 
 
 def records(workdir):
