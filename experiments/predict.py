@@ -131,7 +131,9 @@ def folded_step(model, variables: dict[str, Any], image_size: int) -> tuple[Call
     from jax_googlenet.fold import fold
     from jax_googlenet.ops import compiler_options
 
-    model, folded_vars = fold(model, {k: variables[k] for k in ("params", "batch_stats") if k in variables})
+    # On the host: numpy folds without compiling an XLA kernel per operation (seconds on a small CPU).
+    model, folded_vars = fold(model, jax.device_get({k: variables[k] for k in ("params", "batch_stats")
+                                                     if k in variables}))
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=compiler_options(image_size))
     return apply, folded_vars
 
