@@ -230,7 +230,8 @@ def set_up(args, workdir: Path, stored: dict | None) -> loop.Job:
         args.bn_recalibrate, len(dataset.train),
         off="--freeze-backbone: the pretrained ones" if cfg["freeze_backbone"] else None)
     evaluated = inference.Inference(
-        model, images=images, preprocess=imagenet.normalize, mesh=mesh, lead=lead,
+        model, image_shape=(cfg["image_size"], cfg["image_size"], model.in_channels), images=images,
+        preprocess=imagenet.normalize, mesh=mesh, lead=lead,
         options=compiler_options(cfg["image_size"], cfg["dtype"]),
         batches=functools.partial(recalibration_batches, cfg, dataset.train, train_batches.check, num_workers,
                                   max_resized_pixels=args.max_resized_pixels))
@@ -436,7 +437,8 @@ def evaluate_only(args) -> dict:
     train_batches, eval_batches = make_batches(cfg, dataset, 0, num_workers,
                                                max_resized_pixels=args.max_resized_pixels)
     evaluated = inference.Inference(
-        model, images=images, preprocess=imagenet.normalize, mesh=mesh, options=options,
+        model, image_shape=(cfg["image_size"], cfg["image_size"], model.in_channels), images=images,
+        preprocess=imagenet.normalize, mesh=mesh, options=options,
         lead=jax.process_index() == 0,
         batches=functools.partial(recalibration_batches, cfg, dataset.train, train_batches.check, num_workers,
                                   max_resized_pixels=args.max_resized_pixels))

@@ -4,7 +4,8 @@ recalibrated over training images (`--bn-recalibrate`, `jax_googlenet.recalibrat
 
 The training state keeps its running statistics (the checkpoints hold them, so `--resume` continues bit for
 bit); the recalibrated ones go only into the evaluation and model/. The jobs' eval step takes folded variables,
-{"params": ...} with each BatchNorm folded into its convolution; the fold runs once per evaluation, on the host
+{"params": ...} with each BatchNorm folded into its convolution, and its kernels' weight transforms prepared
+(`jax_googlenet.fold.prepare`); the fold runs once per evaluation, on the host
 in numpy (outside the step, and without compiling an XLA kernel per operation), so the step compiles once per
 run.
 """
@@ -19,6 +20,7 @@ import jax
 from experiments.rundir import started_without_stop_signals
 from jax_googlenet import distributed, train
 from jax_googlenet.fold import fold, folded
+from jax_googlenet.layers import PREPARED
 from jax_googlenet.model import GoogLeNet
 from jax_googlenet.recalibrate import precise_batch_norm
 
@@ -41,7 +43,11 @@ def jit_folded_eval_step(model: GoogLeNet, options: dict | None, *, mesh, **kwar
     """`train.eval_step` on the folded `model`: (folded variables, batch) -> sums, jitted once."""
 
     def step(variables, batch):
-        state = types.SimpleNamespace(apply_fn=folded(model).apply, params=variables["params"], batch_stats={})
+        # eval_step applies {"params", "batch_stats"}: the prepared weights join them here
+        def apply(v, x, **kw):
+            return folded(model).apply({"params": v["params"], PREPARED: variables[PREPARED]}, x, **kw)
+
+        state = types.SimpleNamespace(apply_fn=apply, params=variables["params"], batch_stats={})
         return train.eval_step(state, batch, **kwargs)
 
     return train.jit_eval_step(options, step=step, mesh=mesh)
@@ -52,9 +58,10 @@ class Inference:
     images, none when 0) under `preprocess`, and folded for the eval step. The recalibration of a step is kept
     for model/."""
 
-    def __init__(self, model: GoogLeNet, *, images: int, batches: Callable[[int], Iterable[dict]],
-                 preprocess: Callable, options: dict | None, mesh, lead: bool = True):
-        self.model, self.images, self.batches = model, images, batches
+    def __init__(self, model: GoogLeNet, *, image_shape: tuple[int, int, int], images: int,
+                 batches: Callable[[int], Iterable[dict]], preprocess: Callable, options: dict | None, mesh,
+                 lead: bool = True):
+        self.model, self.image_shape, self.images, self.batches = model, image_shape, images, batches
         self.preprocess, self.options, self.mesh, self.lead = preprocess, options, mesh, lead
         self._recalibrated: tuple[int, dict] | None = None
 
@@ -77,8 +84,9 @@ class Inference:
         return jax.device_get({"params": state.params, "batch_stats": batch_stats})
 
     def __call__(self, state) -> dict[str, Any]:
-        """The folded variables the eval step takes, replicated over the mesh."""
-        _, variables = fold(self.model, self.variables(state))
+        """The folded variables the eval step takes (its kernels' weights prepared for the model's input shape),
+        replicated over the mesh."""
+        _, variables = fold(self.model, self.variables(state), self.image_shape)
         return distributed.replicate(variables, self.mesh)
 
 

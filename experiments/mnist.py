@@ -242,7 +242,8 @@ def make_steps(cfg: dict, model, dropout_rng, shift_rng, mesh, *, images: int, r
         return train.train_step(state, batch, dropout_rng, loss_mode=cfg["loss_mode"], preprocess=preprocess)
 
     options = compiler_options(cfg["image_size"], cfg["dtype"])
-    evaluated = inference.Inference(model, images=images, batches=recalibration_batches, preprocess=preprocess,
+    evaluated = inference.Inference(model, image_shape=(cfg["image_size"], cfg["image_size"], cfg["in_channels"]),
+                                    images=images, batches=recalibration_batches, preprocess=preprocess,
                                     options=options, mesh=mesh, lead=lead)
     return (train.jit_train_step(options, step=train_fn, mesh=mesh),
             inference.jit_folded_eval_step(model, options, mesh=mesh, preprocess=preprocess), evaluated)

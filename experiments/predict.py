@@ -127,13 +127,15 @@ def load_predictor(weights: str) -> tuple[Callable[[np.ndarray], np.ndarray], di
 
 def folded_step(model, variables: dict[str, Any], image_size: int) -> tuple[Callable, dict[str, Any]]:
     """(jitted logits of (variables, images), the variables it takes): the folded model (`jax_googlenet.fold`),
-    its BatchNorms folded into the convolutions once here, so the step holds no BatchNorm."""
+    its BatchNorms folded into the convolutions and its kernels' weight transforms prepared once here, so the step
+    computes neither."""
     from jax_googlenet.fold import fold
     from jax_googlenet.ops import compiler_options
 
     # On the host: numpy folds without compiling an XLA kernel per operation (seconds on a small CPU).
     model, folded_vars = fold(model, jax.device_get({k: variables[k] for k in ("params", "batch_stats")
-                                                     if k in variables}))
+                                                     if k in variables}),
+                              (image_size, image_size, model.in_channels))
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=compiler_options(image_size))
     return apply, folded_vars
 

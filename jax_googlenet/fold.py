@@ -6,8 +6,11 @@ once per set of variables, outside the step, leaves the step one convolution, it
 computed by the kernels `jax_googlenet.ops.plan` chooses in its "folded" mode (Winograd's output transform adds
 the bias and applies the ReLU in its own pass).
 
-    model, folded_vars = fold(model, variables)           # once per set of variables
+    model, folded_vars = fold(model, variables, (224, 224, 3))   # once per set of variables and image size
     logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(folded_vars, images)
+
+Given the image shape, `fold` also prepares (`prepare`) the weights the kernels multiply by: Winograd's
+transformed filters and the small maps' dense operators, computed once here instead of in every step.
 
 The folded model computes what the unfolded one computes with `train=False` (up to float rounding: tests/
 test_parity.py bounds it at 1e-5 relative for every variant) and stays differentiable with respect to its
@@ -19,12 +22,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
-from jax_googlenet.layers import BatchNorm
+from jax_googlenet.layers import PREPARED, BatchNorm
 from jax_googlenet.model import GoogLeNet
 
 
@@ -65,6 +69,23 @@ def folded(model: GoogLeNet) -> GoogLeNet:
     return model.clone(folded=True)
 
 
-def fold(model: GoogLeNet, variables: Mapping[str, Any]) -> tuple[GoogLeNet, dict[str, Any]]:
-    """(`folded(model)`, `fold_batch_norm(variables)`): apply the pair with `train=False`."""
-    return folded(model), fold_batch_norm(variables, BatchNorm.epsilon)
+def prepare(model: GoogLeNet, variables: Mapping[str, Any], image_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """`variables` of a folded model with the "prepared" collection added: each convolution's weights in the form
+    its kernel multiplies by for `image_shape` (H, W, C) inputs (Winograd's U = G g G^T, a small map's dense
+    operator; `jax_googlenet.ops.plan`), computed once in one jitted call whose output is the weights alone (the
+    forward pass it traces is dead code to XLA). Any batch size; another image size needs its own."""
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    made = _prepare_fn(model)(dict(variables), x)
+    return {**{k: v for k, v in variables.items() if k != PREPARED}, **made}
+
+
+def _prepare_fn(model: GoogLeNet):
+    return jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=[PREPARED])[1])
+
+
+def fold(model: GoogLeNet, variables: Mapping[str, Any],
+         image_shape: tuple[int, int, int] | None = None) -> tuple[GoogLeNet, dict[str, Any]]:
+    """(`folded(model)`, `fold_batch_norm(variables)`), with `image_shape` (H, W, C) also `prepare`d for that
+    input size: apply the pair with `train=False`."""
+    model, variables = folded(model), fold_batch_norm(variables, BatchNorm.epsilon)
+    return model, (variables if image_shape is None else prepare(model, variables, image_shape))

@@ -46,6 +46,10 @@ def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], dtype: Dt
     return module.param(name, init, shape, dtype)
 
 
+# The variables' collection of weights prepared for folded inference's kernels (`Conv._prepared`).
+PREPARED = "prepared"
+
+
 class Conv(nn.Module):
     """2-D convolution with an HWIO `kernel` (and optional `bias`), torch-style symmetric padding; computed by
     the kernel `jax_googlenet.ops.plan` chooses for `impl`, the shape, dtype and `mode` ("train", "eval", or
@@ -70,12 +74,28 @@ class Conv(nn.Module):
         chosen = plan.conv(x.shape, kernel.shape, self.stride, self.padding, x.dtype, self.impl, mode,
                            "/".join(self.scope.path[:-1]))
         if mode == "folded":  # the kernel adds the bias and applies the ReLU
-            return chosen.run(x, kernel, _param(self, "bias", bias_init, (self.features,), self.param_dtype)
+            weights = kernel if chosen.prepare is None else self._prepared(chosen.prepare, kernel, x.shape)
+            return chosen.run(x, weights, _param(self, "bias", bias_init, (self.features,), self.param_dtype)
                               .astype(self.dtype))
         y = chosen.run(x, kernel)
         if self.use_bias:
             y = y + _param(self, "bias", bias_init, (self.features,), self.param_dtype).astype(self.dtype)
         return y
+
+    def _prepared(self, prepare, kernel, x_shape):
+        """`prepare(kernel)`: the "prepared" collection's entry for this input size where the variables hold it
+        (`jax_googlenet.fold.prepare`, which makes it by applying the model with the collection mutable), else
+        computed here (`init` makes none)."""
+        name = f"weights_{x_shape[1]}x{x_shape[2]}"
+        if self.has_variable(PREPARED, name):
+            return self.get_variable(PREPARED, name)
+        if self.is_mutable_collection(PREPARED) and not self.is_initializing():
+            return self.variable(PREPARED, name, prepare, kernel).value
+        if self.variables.get(PREPARED):
+            raise ValueError(f"{'/'.join(self.scope.path)}: the prepared weights are for inputs of another size "
+                             f"({', '.join(self.variables[PREPARED])}), not {x_shape[1]}x{x_shape[2]}; "
+                             "prepare them for this image size (jax_googlenet.fold.prepare)")
+        return prepare(kernel)
 
 
 def max_pool(x, window: int, stride: int, pool_mode: str, *, pad: int = 0, impl: str, mode: str, name: str):

@@ -156,7 +156,7 @@ def test_jax_eval_cell_times_the_folded_model_on_variables_without_batch_norm():
 
     args = SimpleNamespace(no_compile_cache=True, skip_cold_compile=True)
     runner = JaxRunner("eval", 2, 32, "float32", args, CacheEvents())
-    assert set(runner.variables) == {"params"} and runner.inference == "folded BatchNorm"
+    assert set(runner.variables) == {"params", "prepared"} and runner.inference == "folded BatchNorm"
     paths = traverse_util.flatten_dict(runner.variables["params"])
     assert not [p for p in paths if "bn" in p]
     assert ("conv1", "conv", "bias") in paths

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -303,7 +304,7 @@ def test_folded_inference_equals_the_unfolded_model(unfolded_and_folded, variant
     """`fold.fold` (the variables folded under jit, as a job folds them once outside its step) computes the
     unfolded model's train=False logits: measured up to 3e-7 relative (float32 rounding of the scaled kernels
     and of the changed summation order), bound 1e-5."""
-    from jax_googlenet.fold import fold_batch_norm, folded
+    from jax_googlenet.fold import fold_batch_norm, folded, prepare
     from jax_googlenet.ops import plan
 
     model, v, x = unfolded_and_folded[variant]
@@ -315,6 +316,57 @@ def test_folded_inference_equals_the_unfolded_model(unfolded_and_folded, variant
     assert {r.forward.split(" + ")[-1].split("; ")[-1] for r in rows if r.kind == "conv"} <= {
         "bias, ReLU after", "bias, ReLU in its output transform"}
     assert rel(got, ours) < 1e-5
+    # with the kernels' weights prepared for this input size (`fold.prepare`), as the jobs, predict and the
+    # benchmark run it: the same logits
+    prepared = prepare(folded_model, folded_vars, x.shape[1:])
+    assert rel(jax.jit(lambda v, x: folded_model.apply(v, x, train=False))(prepared, x), got) < 1e-6
+
+
+# What a step may do to the weights alone: views and the bias's broadcast, which XLA fuses into their use.
+VIEWS = {"reshape", "squeeze", "expand_dims", "slice", "broadcast_in_dim", "convert_element_type", "copy"}
+
+
+def weight_only_ops(jaxpr, kinds) -> list[str]:
+    """The operations of `jaxpr` (and its sub-jaxprs) other than VIEWS whose inputs are derived from the weights
+    alone: `kinds` says per input "x" (the images), "w" (weights) or "c" (a constant)."""
+    env, found = dict(zip(jaxpr.invars, kinds)), []
+    for eqn in jaxpr.eqns:
+        ins = [env.get(v, "c") if isinstance(v, jex.core.Var) else "c" for v in eqn.invars]
+        kind = "x" if "x" in ins else ("w" if "w" in ins else "c")
+        subs = [p for p in eqn.params.values() if isinstance(p, (jex.core.Jaxpr, jex.core.ClosedJaxpr))]
+        if subs:
+            for sub in subs:
+                found += weight_only_ops(getattr(sub, "jaxpr", sub), ins)
+        elif kind == "w" and eqn.primitive.name not in VIEWS:
+            found.append(eqn.primitive.name)
+        env.update((o, kind) for o in eqn.outvars)
+    return found
+
+
+def test_prepared_folded_step_computes_nothing_from_the_weights_alone(unfolded_and_folded):
+    """`fold(model, variables, image_shape)` prepares the kernels' weight transforms (Winograd's G g G^T, the 2x2
+    and 1x1 maps' dense operators) once: the step that applies them holds no operation on the weights alone
+    beyond views (computed in the step, the transforms were 30% of the 64/32 eval step's kernel time). Without
+    the image shape the transforms are in the step."""
+    from jax_googlenet.fold import fold
+
+    model, v, x = unfolded_and_folded["torchvision"]
+    for image_shape, expect_transforms in ((None, True), (x.shape[1:], False)):
+        folded_model, folded_vars = fold(model, v, image_shape)
+        closed = jax.make_jaxpr(lambda v, x: folded_model.apply(v, x, train=False))(folded_vars, x)
+        found = weight_only_ops(closed.jaxpr, ["w"] * len(jax.tree.leaves(folded_vars)) + ["x"])
+        assert bool(found) == expect_transforms, found
+
+
+def test_prepared_weights_refuse_another_image_size(unfolded_and_folded):
+    """Weights prepared for 32-pixel inputs applied to 64-pixel ones (other Winograd tiles, other dense
+    operators): a ValueError that says so, not a silent recomputation or a shape error deep in a kernel."""
+    from jax_googlenet.fold import fold
+
+    model, v, x = unfolded_and_folded["torchvision"]
+    folded_model, folded_vars = fold(model, v, x.shape[1:])
+    with pytest.raises(ValueError, match="prepared weights are for inputs of another size"):
+        jax.eval_shape(lambda v, x: folded_model.apply(v, x, train=False), folded_vars, jnp.zeros((1, 64, 64, 3)))
 
 
 @pytest.mark.slow
@@ -328,6 +380,8 @@ def test_folded_inference_is_differentiable_in_its_input(unfolded_and_folded):
     with jax.enable_x64(True):
         model = model.clone(dtype=jnp.float64, param_dtype=jnp.float64)
         v, x = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (v, x))
-        folded_model, folded_vars = fold(model, v)
         grad = lambda m, v: jax.jit(jax.grad(lambda x: m.apply(v, x, train=False).sum()))(x)  # noqa: E731
-        assert rel(grad(folded_model, folded_vars), grad(model, v)) < 1e-12
+        want = grad(model, v)
+        for image_shape in (None, x.shape[1:]):  # the weights' transforms in the step, and prepared
+            folded_model, folded_vars = fold(model, v, image_shape)
+            assert rel(grad(folded_model, folded_vars), want) < 1e-12

@@ -148,15 +148,16 @@ def test_predict_reads_grey_images_for_a_one_channel_model(tmp_path, capsys):
 
 
 def test_predict_runs_the_folded_model_its_step_holding_no_batch_norm(fine_tuned):
-    """The Flax path folds BatchNorm once, outside the step: the step takes no batch_stats and computes no
-    BatchNorm (no rsqrt in its StableHLO, which the unfolded step has); its logits are the model's within 1e-5
-    relative (float32 rounding of the folded kernels, the bound of tests/test_parity.py)."""
+    """The Flax path folds BatchNorm (and prepares its kernels' weights) once, outside the step: the step takes
+    no batch_stats and computes no BatchNorm (no rsqrt in its StableHLO, which the unfolded step has); its
+    logits are the model's within 1e-5 relative (float32 rounding of the folded kernels, the bound of
+    tests/test_parity.py)."""
     from experiments.export import read_weights
     from test_export import flax_logits, rel
 
     model, variables, serving = read_weights(fine_tuned[0])
     apply, folded_vars = predict.folded_step(model, variables, serving["image_size"])
-    assert set(folded_vars) == {"params"}
+    assert set(folded_vars) == {"params", "prepared"}  # the kernels' weight transforms, prepared once too
     assert not any("bn" in path for path in traverse_util.flatten_dict(folded_vars))
     x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
     assert "rsqrt" not in apply.lower(folded_vars, x).as_text()

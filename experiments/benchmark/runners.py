@@ -126,10 +126,11 @@ class JaxRunner:
             jitted = jit_train_step(compiler_options(side, dtype), loss_mode="paper")
             call_args = (self.state, self.batch, self.rng)
         else:
-            # Folded once per set of variables, outside the timed step: a step that folded would recompute the
-            # fold on every call. numpy on the host folds without compiling an XLA kernel per operation.
+            # Folded (and the kernels' weight transforms prepared) once per set of variables, outside the timed
+            # step: a step that folded would recompute the fold on every call. numpy on the host folds without
+            # compiling an XLA kernel per operation.
             unfolded = jax.device_get({"params": self.state.params, "batch_stats": self.state.batch_stats})
-            model, self.variables = fold(model, unfolded)
+            model, self.variables = fold(model, unfolded, (side, side, 3))
             self.variables = jax.device_put(self.variables)
             self.inference = "folded BatchNorm"
             self.images = images

@@ -49,8 +49,15 @@ def conv_dense(x, kernel, padding: int):
     """A stride-1 k x k convolution of a map of fewer than k*k positions as one (H*W*C, Ho*Wo*K) product: the
     operator's nonzero blocks only (on a 2x2 map 16 C*K multiply-adds per image where the 3x3 im2col does 36,
     on a 1x1 map the centre tap alone). Autodiff's backward is two 2-D dots and the blocks' scatter-add."""
-    k, _, c, o = kernel.shape
+    k = kernel.shape[0]
     n, h, w, _ = x.shape
+    return dense_product(x, dense_operator(kernel, h, w, padding), h + 2 * padding - k + 1, w + 2 * padding - k + 1)
+
+
+def dense_operator(kernel, h: int, w: int, padding: int):
+    """The (h*w*C, Ho*Wo*K) matrix of a stride-1 k x k convolution of h x w maps (`conv_dense`). Folded inference
+    builds it once per set of variables (`jax_googlenet.fold.prepare`) instead of in every step."""
+    k, _, c, o = kernel.shape
     ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
     # tap (a - i + padding, b - j + padding) joins input (a, b) to output (i, j), where it lies in the kernel
     a, b, i, j = np.meshgrid(np.arange(h), np.arange(w), np.arange(ho), np.arange(wo), indexing="ij")
@@ -58,8 +65,13 @@ def conv_dense(x, kernel, padding: int):
     valid = (ti >= 0) & (ti < k) & (tj >= 0) & (tj < k)
     blocks = kernel[np.clip(ti, 0, k - 1), np.clip(tj, 0, k - 1)]  # (h, w, ho, wo, c, o)
     blocks = jnp.where(valid[..., None, None], blocks, jnp.zeros((), kernel.dtype)) if not valid.all() else blocks
-    dense = blocks.transpose(0, 1, 4, 2, 3, 5).reshape(h * w * c, ho * wo * o)
-    return matmul(x.reshape(n, h * w * c), dense).reshape(n, ho, wo, o)
+    return blocks.transpose(0, 1, 4, 2, 3, 5).reshape(h * w * c, ho * wo * o)
+
+
+def dense_product(x, dense, ho: int, wo: int):
+    """x (N, H, W, C) times a `dense_operator`: (N, ho, wo, K)."""
+    n, h, w, c = x.shape
+    return matmul(x.reshape(n, h * w * c), dense).reshape(n, ho, wo, dense.shape[1] // (ho * wo))
 
 
 def matmul(x, w):

@@ -56,13 +56,18 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-    """What computes a layer: `run` (a conv's `run(x, kernel)`, in "folded" mode `run(x, kernel, bias)` with the
+    """What computes a layer: `run` (a conv's `run(x, kernel)`, in "folded" mode `run(x, weights, bias)` with the
     ReLU; a pool's `run(x)`; the merged 1x1's `run(module, x, branches, ...)`) and the names of its forward and
-    backward."""
+    backward. A conv whose kernel multiplies by a transform of its weights has `prepare`, kernel -> that
+    transform: in "folded" mode `run` takes `prepare(kernel)` (else the kernel itself), which inference computes
+    once per set of variables (`jax_googlenet.fold.prepare`); `_conv`'s kernels also have `product(x, weights)`,
+    the layer on prepared weights."""
 
     forward: str
     backward: str
     run: Callable
+    prepare: Callable | None = None
+    product: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,16 +145,20 @@ def conv(x_shape, kernel_shape, stride: int, padding: int, dtype, impl: str, mod
     op = f"conv {k}x{k}/{stride} -> {o}"
     kernel, m = _conv(x_shape, kernel_shape, stride, padding, dtype, impl)
     if mode == "folded":
+        # The weights' transforms (Winograd's U = G g G^T, the dense product's operator) are prepared once per
+        # set of variables: computed in the step they were 30% of the 64/32 eval step's kernel time and 8-10%
+        # at 96 and 224 pixels (benchmarks/NOTES.md, "Folded inference: the weights' transforms out of the step").
         op += " + bias, ReLU"
         if m is not None:  # Winograd's output transform is an elementwise pass of its own: they join it
             kernel = Kernel(f"{kernel.forward} + bias, ReLU in its output transform", "-",
-                            lambda x, kern, b: winograd_ops.conv_winograd_bias_relu(x, kern, b, padding, m))
+                            lambda x, u, b: winograd_ops.winograd_bias_relu(x, u, b, padding, m),
+                            prepare=lambda kern: winograd_ops.winograd_weights(kern, m))
         else:
             # XLA:CPU's convolution and dot kernels take no epilogue: XLA fuses the bias and ReLU into one
             # elementwise pass over the product's output
-            run = kernel.run
+            product = kernel.product or kernel.run
             kernel = Kernel(f"{kernel.forward}; bias, ReLU after", "-",
-                            lambda x, kern, b: jax.nn.relu(run(x, kern) + b))
+                            lambda x, weights, b: jax.nn.relu(product(x, weights) + b), prepare=kernel.prepare)
     return _answer(kernel, mode, name, "conv", x_shape, op, dict(k=k, features=o, stride=stride, padding=padding))
 
 
@@ -170,8 +179,10 @@ def _conv(x_shape, kernel_shape, stride: int, padding: int, dtype, impl: str) ->
     if impl == "winograd":
         if h * w < k * k:
             # maps of fewer than k*k positions (3x3 on 2x2 and 1x1): the operator's nonzero blocks as one product
-            return Kernel("dense product", "dots (autodiff)",
-                          lambda x, kern: conv_ops.conv_dense(x, kern, padding)), None
+            ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
+            return Kernel("dense product", "dots (autodiff)", lambda x, kern: conv_ops.conv_dense(x, kern, padding),
+                          prepare=lambda kern: conv_ops.dense_operator(kern, h, w, padding),
+                          product=lambda x, dense: conv_ops.dense_product(x, dense, ho, wo)), None
         m = winograd_tile(k, h + 2 * padding - k + 1, w + 2 * padding - k + 1, c)
         # not in bfloat16, whose rounding error Winograd's transforms would multiply
         if m is not None and jnp.finfo(dtype).nmant >= jnp.finfo(jnp.float32).nmant:

@@ -283,32 +283,59 @@ def _winograd_bwd(padding, m, res, dy):
 _winograd.defvjp(_winograd_fwd, _winograd_bwd)
 
 
+def winograd_weights(kernel, m: int):
+    """U = G g G^T of an HWIO r x r kernel for F(m x m, r x r): (a*a, c, k), a = m + r - 1. Folded inference
+    computes it once per set of variables (`jax_googlenet.fold.prepare`) instead of in every step."""
+    return filter_transform(kernel, transforms(m, kernel.shape[0])[1])
+
+
 def conv_winograd_bias_relu(x, kernel, bias, padding: int, m: int):
     """relu(conv(x, kernel) + bias) with F(m x m, r x r), the bias and the ReLU applied in the output transform's
-    pass (folded inference: one pass over the output instead of two); differentiable in x, kernel and bias."""
-    return _winograd_bias_relu(x, kernel, bias, padding, m)
+    pass (folded inference: one pass over the output instead of two); differentiable in x, kernel and bias (the
+    kernel's gradient through the filter transform's autodiff)."""
+    return winograd_bias_relu(x, winograd_weights(kernel, m), bias, padding, m)
+
+
+def winograd_bias_relu(x, u, bias, padding: int, m: int):
+    """`conv_winograd_bias_relu` on the kernel's transform `u` (`winograd_weights`); differentiable in x, u and
+    bias."""
+    return _winograd_bias_relu(x, u, bias, padding, m)
+
+
+def _u_plan(x_shape, u_shape, padding: int, m: int):
+    aa, c, k = u_shape
+    r = int(round(aa ** 0.5)) - m + 1
+    return (r, *_plan(x_shape, (r, r, c, k), padding, m)[1:])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _winograd_bias_relu(x, kernel, bias, padding: int, m: int):
-    r, c, k, a, ho, wo, ht, wt, at, g, bt = _plan(x.shape, kernel.shape, padding, m)
+def _winograd_bias_relu(x, u, bias, padding: int, m: int):
+    r, c, k, a, ho, wo, ht, wt, at, g, bt = _u_plan(x.shape, u.shape, padding, m)
     v = _data_tiles(x, padding, m, r, ht, wt, bt)
-    mm = lax.dot_general(v, filter_transform(kernel, g), (((2,), (1,)), ((0,), (0,))))
+    mm = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))
     return tiles_out(lax.reshape(mm, (a * a, x.shape[0], ht, wt, k)), at, m, ho, wo, form=FORMS["output"],
                      epilogue=lambda d: jnp.maximum(d + bias.astype(d.dtype), jnp.zeros((), d.dtype)))
 
 
-def _winograd_bias_relu_fwd(x, kernel, bias, padding, m):
-    y = _winograd_bias_relu(x, kernel, bias, padding, m)
-    return y, (x, kernel, bias, y)
+def _winograd_bias_relu_fwd(x, u, bias, padding, m):
+    y = _winograd_bias_relu(x, u, bias, padding, m)
+    return y, (x, u, bias, y)
 
 
 def _winograd_bias_relu_bwd(padding, m, res, dy):
-    """The ReLU's gradient where the output is positive, then the bias's sum and the convolution's backward."""
-    x, kernel, bias, y = res
+    """The ReLU's gradient where the output is positive, then the bias's sum and the transform-domain backward:
+    dM = A dZ A^T per output tile, dU = V^T dM, the input's gradient the overlapping sum of B (dM U^T) B^T."""
+    x, u, bias, y = res
+    r, c, k, a, ho, wo, ht, wt, at, g, bt = _u_plan(x.shape, u.shape, padding, m)
+    n, h, w = x.shape[:3]
     dz = jnp.where(y > 0, dy, jnp.zeros((), dy.dtype))
-    dx, dk = _winograd_bwd(padding, m, (x, kernel), dz)
-    return dx, dk, jnp.sum(dz, axis=(0, 1, 2)).astype(bias.dtype)
+    v = _data_tiles(x, padding, m, r, ht, wt, bt)
+    dzp = lax.pad(dz, jnp.zeros((), dz.dtype), [(0, 0, 0), (0, ht * m - ho, 0), (0, wt * m - wo, 0), (0, 0, 0)])
+    dm = lax.reshape(tiles_in(dzp, at.T, m, ht, wt, FORMS["output_grad"]), (a * a, n * ht * wt, k))
+    du = lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))))  # (a*a, c, k)
+    dv = lax.dot_general(dm, u, (((2,), (2,)), ((0,), (0,))))  # (a*a, tiles, c)
+    dx = tiles_out(lax.reshape(dv, (a * a, n, ht, wt, c)), bt.T, m, h, w, offset=padding, form=FORMS["data_grad"])
+    return dx.astype(x.dtype), du.astype(u.dtype), jnp.sum(dz, axis=(0, 1, 2)).astype(bias.dtype)
 
 
 _winograd_bias_relu.defvjp(_winograd_bias_relu_fwd, _winograd_bias_relu_bwd)
