@@ -19,6 +19,7 @@ import jax
 
 from experiments.rundir import started_without_stop_signals
 from jax_googlenet import distributed, train
+from jax_googlenet import fold as fold_ops
 from jax_googlenet.fold import fold, folded
 from jax_googlenet.layers import PREPARED
 from jax_googlenet.model import GoogLeNet
@@ -44,8 +45,9 @@ def jit_folded_eval_step(model: GoogLeNet, options: dict | None, *, mesh, **kwar
 
     def step(variables, batch):
         # eval_step applies {"params", "batch_stats"}: the prepared weights join them here
-        def apply(v, x, **kw):
-            return folded(model).apply({"params": v["params"], PREPARED: variables[PREPARED]}, x, **kw)
+        def apply(v, x, *, train):
+            del train  # eval_step's train=False
+            return fold_ops.apply(folded(model), {"params": v["params"], PREPARED: variables[PREPARED]}, x)
 
         state = types.SimpleNamespace(apply_fn=apply, params=variables["params"], batch_stats={})
         return train.eval_step(state, batch, **kwargs)

@@ -10,6 +10,7 @@ line on stderr. `--json` prints one JSON list instead of text. Bad input: one li
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import warnings
@@ -129,6 +130,7 @@ def folded_step(model, variables: dict[str, Any], image_size: int) -> tuple[Call
     """(jitted logits of (variables, images), the variables it takes): the folded model (`jax_googlenet.fold`),
     its BatchNorms folded into the convolutions and its kernels' weight transforms prepared once here, so the step
     computes neither."""
+    from jax_googlenet import fold as fold_ops
     from jax_googlenet.fold import fold
     from jax_googlenet.ops import compiler_options
 
@@ -136,7 +138,7 @@ def folded_step(model, variables: dict[str, Any], image_size: int) -> tuple[Call
     model, folded_vars = fold(model, jax.device_get({k: variables[k] for k in ("params", "batch_stats")
                                                      if k in variables}),
                               (image_size, image_size, model.in_channels))
-    apply = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=compiler_options(image_size))
+    apply = jax.jit(functools.partial(fold_ops.apply, model), compiler_options=compiler_options(image_size))
     return apply, folded_vars
 
 

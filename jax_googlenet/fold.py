@@ -7,10 +7,11 @@ computed by the kernels `jax_googlenet.ops.plan` chooses in its "folded" mode (W
 the bias and applies the ReLU in its own pass).
 
     model, folded_vars = fold(model, variables, (224, 224, 3))   # once per set of variables and image size
-    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(folded_vars, images)
+    logits = jax.jit(functools.partial(apply, model))(folded_vars, images)   # = model.apply(v, x, train=False)
 
-Given the image shape, `fold` also prepares (`prepare`) the weights the kernels multiply by: Winograd's
-transformed filters and the small maps' dense operators, computed once here instead of in every step.
+`apply` computes the batch in chunks of a few images on the CPU (`plan.eval_chunk`). Given the image shape,
+`fold` also prepares (`prepare`) the weights the kernels multiply by: Winograd's transformed filters and the
+small maps' dense operators, computed once here instead of in every step.
 
 The folded model computes what the unfolded one computes with `train=False` (up to float rounding: tests/
 test_parity.py bounds it at 1e-5 relative for every variant) and stays differentiable with respect to its
@@ -20,6 +21,7 @@ they are, and the fused bias and ReLU kernels still apply.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -30,6 +32,7 @@ from flax.core import unfreeze
 
 from jax_googlenet.layers import PREPARED, BatchNorm
 from jax_googlenet.model import GoogLeNet
+from jax_googlenet.ops import plan
 
 
 def fold_batch_norm_flat(flat: Mapping[tuple, Any], epsilon: float = BatchNorm.epsilon) -> dict[tuple, Any]:
@@ -67,6 +70,21 @@ def fold_batch_norm(variables: Mapping[str, Any], epsilon: float = BatchNorm.eps
 def folded(model: GoogLeNet) -> GoogLeNet:
     """The same network computing inference on folded variables: each conv with its bias and ReLU in one kernel."""
     return model.clone(folded=True)
+
+
+def apply(model: GoogLeNet, variables: Mapping[str, Any], x, *, chunk: int | None = None):
+    """The folded `model`'s logits of NHWC `x` (`model.apply(variables, x, train=False)`), the batch computed in
+    chunks of `chunk` images one after another (`jax.lax.map`; default `plan.eval_chunk`: on the CPU a few
+    images at 224 pixels, so each layer's output stays in cache), the last chunk padded with zeros. Jit it;
+    differentiable in `x`."""
+    n = x.shape[0]
+    chunk = plan.eval_chunk(n, x.shape[1], x.shape[2]) if chunk is None else chunk
+    if chunk >= n:
+        return model.apply(variables, x, train=False)
+    pad = -n % chunk
+    xs = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((n + pad) // chunk, chunk, *x.shape[1:])
+    ys = jax.lax.map(lambda xc: model.apply(variables, xc, train=False), xs)
+    return ys.reshape(n + pad, *ys.shape[2:])[:n]
 
 
 def prepare(model: GoogLeNet, variables: Mapping[str, Any], image_shape: tuple[int, int, int]) -> dict[str, Any]:

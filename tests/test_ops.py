@@ -394,3 +394,14 @@ def test_the_plan_for_the_gpu_is_xlas_kernels_and_no_options():
     assert {(r.forward, r.backward) for r in rows} == {("xla conv", "xla conv (autodiff)"),
                                                        ("reduce_window", "reduce_window (autodiff)")}
     assert plan.compiler_options(224, backend="gpu") == {}
+
+
+def test_folded_inference_runs_a_few_images_at_a_time_on_the_cpu():
+    """`plan.eval_chunk`: chunks of about EVAL_CHUNK_PIXELS input pixels on the CPU (4 images at 224, 16 at 96,
+    the whole batch at 32, where smaller chunks ran slower), the whole batch on a GPU."""
+    assert plan.eval_chunk(16, 224, 224, "cpu") == 4
+    assert plan.eval_chunk(64, 96, 96, "cpu") == 16
+    assert plan.eval_chunk(64, 32, 32, "cpu") == 64
+    assert plan.eval_chunk(1, 224, 224, "cpu") == 1
+    assert plan.eval_chunk(3, 600, 600, "cpu") == 1
+    assert plan.eval_chunk(256, 224, 224, "gpu") == 256

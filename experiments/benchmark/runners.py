@@ -12,6 +12,7 @@ workloads, dtypes and PyTorch variants the command line offers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from typing import Any
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_googlenet import compilation_cache, googlenet
+from jax_googlenet.fold import apply as folded_apply
 from jax_googlenet.fold import fold
 from jax_googlenet.ops import compiler_options
 from jax_googlenet.train import AUX_WEIGHT, create_train_state, jit_train_step, make_optimizer
@@ -134,8 +136,7 @@ class JaxRunner:
             self.variables = jax.device_put(self.variables)
             self.inference = "folded BatchNorm"
             self.images = images
-            jitted = jax.jit(lambda v, x: model.apply(v, x, train=False),
-                             compiler_options=compiler_options(side, dtype))
+            jitted = jax.jit(functools.partial(folded_apply, model), compiler_options=compiler_options(side, dtype))
             call_args = (self.variables, images)
         info = jax_compile(jitted, call_args, not args.no_compile_cache, not args.skip_cold_compile, events)
         self.compiled = info.pop("compiled")

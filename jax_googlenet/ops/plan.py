@@ -296,6 +296,26 @@ def _xla_accepts(options: tuple[tuple[str, object], ...]) -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------------------------- inference chunks
+
+# Folded inference on the CPU runs the batch as chunks of about this many input pixels, one after another
+# (`jax_googlenet.fold.apply`), so each layer's output is a chunk's, not the batch's: 4 images at 224 pixels, 16
+# at 96, the whole batch up to 256 images at 32. The eval step at 16/224 chunked by 4 ran 71.1 against 66.0
+# img/s, at 64/96 by 16 440.6 against 395.7 (by 8 404.1); at 64/32 chunks of 32 and 16 were 10-25% slower than
+# the whole batch (benchmarks/NOTES.md, "Folded inference in chunks").
+EVAL_CHUNK_PIXELS = 2 ** 18
+
+
+def eval_chunk(batch: int, height: int, width: int, backend: str | None = None) -> int:
+    """Images per chunk of folded inference on `batch` images of height x width on `backend` (default JAX's):
+    the largest power of two whose pixels stay within EVAL_CHUNK_PIXELS (at least 1), the whole batch where that
+    is larger or off the CPU."""
+    if (backend or jax.default_backend()) != "cpu":
+        return batch
+    fits = max(1, EVAL_CHUNK_PIXELS // (height * width))
+    return min(batch, 1 << (fits.bit_length() - 1))
+
+
 # ----------------------------------------------------------------------------------------------- the network's plan
 
 
