@@ -147,7 +147,7 @@ def conv(x_shape, kernel_shape, stride: int, padding: int, dtype, impl: str, mod
     if mode == "folded":
         # The weights' transforms (Winograd's U = G g G^T, the dense product's operator) are prepared once per
         # set of variables: computed in the step they were 30% of the 64/32 eval step's kernel time and 8-10%
-        # at 96 and 224 pixels (benchmarks/NOTES.md, "Folded inference: the weights' transforms out of the step").
+        # at 96 and 224 pixels (benchmarks/NOTES.md, "The weights' transforms out of the step").
         op += " + bias, ReLU"
         if m is not None:  # Winograd's output transform is an elementwise pass of its own: they join it
             kernel = Kernel(f"{kernel.forward} + bias, ReLU in its output transform", "-",
