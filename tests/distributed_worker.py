@@ -5,6 +5,7 @@ test_distributed.py in subprocesses, so the simulated-device flags do not touch 
 """
 
 import argparse
+import functools
 import re
 
 import jax
@@ -28,14 +29,20 @@ def host_copy(state: T.TrainState) -> dict[str, np.ndarray]:
     return {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
 
 
+@functools.cache
+def initial_state() -> T.TrainState:
+    """The train state before the step, on the host: initialised once per process, so a process stepping on
+    two meshes compiles the init once (train.create_train_state jits a new init each call)."""
+    model = googlenet(num_classes=10, in_channels=1)
+    return jax.device_get(T.create_train_state(jax.random.key(0), model, (1, SIDE, SIDE, 1), T.make_optimizer(0.1)))
+
+
 def one_step(num_devices: int | None) -> dict[str, np.ndarray]:
     """Flattened params and batch_stats before ("init/...") and after one SGD step on the mesh, the loss, and
     how many all-gathers the compiled step makes."""
     mesh = distributed.make_mesh(num_devices)
     distributed.check_batch_size(GLOBAL_BATCH, mesh)
-    model = googlenet(num_classes=10, in_channels=1)
-    state = T.create_train_state(jax.random.key(0), model, (1, SIDE, SIDE, 1), T.make_optimizer(0.1))
-    state = distributed.replicate(state, mesh)
+    state = distributed.replicate(initial_state(), mesh)
     before = host_copy(state)  # the step donates the state's buffers
     rows = GLOBAL_BATCH // jax.process_count()
     local = {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in global_batch().items()}
