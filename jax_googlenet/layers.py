@@ -88,7 +88,12 @@ class Conv(nn.Module):
         computed here (`init` makes none)."""
         name = f"weights_{x_shape[1]}x{x_shape[2]}"
         if self.has_variable(PREPARED, name):
-            return self.get_variable(PREPARED, name)
+            weights, want = self.get_variable(PREPARED, name), jax.eval_shape(prepare, kernel)
+            if weights.shape != want.shape:
+                raise ValueError(f"{'/'.join(self.scope.path)}: the prepared weights {PREPARED}/{name} have shape "
+                                 f"{weights.shape}, this kernel takes {want.shape}: prepare them with the model that "
+                                 "applies them (jax_googlenet.fold.prepare)")
+            return weights
         if self.is_mutable_collection(PREPARED) and not self.is_initializing():
             return self.variable(PREPARED, name, prepare, kernel).value
         if self.variables.get(PREPARED):

@@ -71,11 +71,11 @@ def test_winograd_path_and_its_gradients_equal_torchs_conv2d(side, k, pad, monke
     assert_conv_equals_torch(np.random.default_rng(side * k + pad), 2, side, k, 1, pad, "winograd")
 
 
-@pytest.mark.parametrize("m, side", [(4, 8), (2, 6)])
+@pytest.mark.parametrize("m, side", [(4, 8), (2, 6), (4, 7), (4, 3)])
 def test_winograd_with_bias_and_relu_and_its_gradients_equal_torch(m, side):
     """Folded inference's Winograd kernel, relu(conv(x) + bias) with the bias and ReLU in the output transform,
     against torch.relu(conv2d(x, w, b)) in float64: forward and the gradients of x, the kernel and the bias, to
-    1e-12 (the inputs' ReLU splits about half the outputs)."""
+    1e-12 (the inputs' ReLU splits about half the outputs); on 7x7 and 3x3 maps with the last tiles padded."""
     rng = np.random.default_rng(m)
     x, w, b = rng.normal(size=(2, side, side, 3)), rng.normal(size=(3, 3, 3, 4)), rng.normal(size=4)
     xt, wt, bt = (torch.from_numpy(a).requires_grad_() for a in (x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1), b))

@@ -138,7 +138,10 @@ def _linear(mat: np.ndarray, parts: list) -> list:
 # rows (XLA emits one loop for the fusion instead of one per output row). Measured in the 16/224 train step
 # (benchmarks/NOTES.md, "Winograd convolution"): the data transform B^T d B compiles faster broadcast at the
 # same step speed; the output transform and both gradient transforms run ~4% faster as pairs.
-FORMS = {"data": "broadcast", "output": "pairs", "output_grad": "pairs", "data_grad": "pairs", "filter": "pairs"}
+# Folded inference's data transform ("inference_data") runs faster as pairs: its eval step +5% at 16/224 and +11%
+# at 64/96, alternated in one process (benchmarks/NOTES.md, "Folded inference", "The data transform as pairs").
+FORMS = {"data": "broadcast", "output": "pairs", "output_grad": "pairs", "data_grad": "pairs", "filter": "pairs",
+         "inference_data": "pairs"}
 
 
 def _apply_parts(mat: np.ndarray, parts: list, axis: int, form: str):
@@ -246,10 +249,11 @@ def _plan(x_shape, k_shape, padding: int, m: int):
     return (r, c, k, a, ho, wo, ht, wt, *transforms(m, r))
 
 
-def _data_tiles(x, padding: int, m: int, r: int, ht: int, wt: int, bt: np.ndarray):
-    """V = B^T d B for every input tile of x: (a*a, n*ht*wt, c), the forward's and the backward's left operand."""
+def _data_tiles(x, padding: int, m: int, r: int, ht: int, wt: int, bt: np.ndarray, form: str | None = None):
+    """V = B^T d B for every input tile of x: (a*a, n*ht*wt, c), the forward's and the backward's left operand
+    (`form`: FORMS["data"] unless given)."""
     a = bt.shape[0]
-    v = tiles_in(_padded(x, padding, m, r, ht, wt), bt, m, ht, wt, FORMS["data"])
+    v = tiles_in(_padded(x, padding, m, r, ht, wt), bt, m, ht, wt, form or FORMS["data"])
     return lax.reshape(v, (a * a, x.shape[0] * ht * wt, x.shape[-1]))
 
 
@@ -311,7 +315,7 @@ def _u_plan(x_shape, u_shape, padding: int, m: int):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _winograd_bias_relu(x, u, bias, padding: int, m: int):
     r, c, k, a, ho, wo, ht, wt, at, g, bt = _u_plan(x.shape, u.shape, padding, m)
-    v = _data_tiles(x, padding, m, r, ht, wt, bt)
+    v = _data_tiles(x, padding, m, r, ht, wt, bt, FORMS["inference_data"])
     mm = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))
     return tiles_out(lax.reshape(mm, (a * a, x.shape[0], ht, wt, k)), at, m, ho, wo, form=FORMS["output"],
                      epilogue=lambda d: jnp.maximum(d + bias.astype(d.dtype), jnp.zeros((), d.dtype)))
