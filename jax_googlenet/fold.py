@@ -97,7 +97,9 @@ def prepare(model: GoogLeNet, variables: Mapping[str, Any], image_shape: tuple[i
     return {**{k: v for k, v in variables.items() if k != PREPARED}, **made}
 
 
+@functools.lru_cache(maxsize=8)
 def _prepare_fn(model: GoogLeNet):
+    """The jitted preparation, once per model: the jobs prepare before every evaluation."""
     return jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=[PREPARED])[1])
 
 

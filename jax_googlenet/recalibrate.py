@@ -16,8 +16,9 @@ of them.
     evaluated = {**variables, "batch_stats": stats.batch_stats}   # params untouched
     print(stats.summary())                                      # "recalibrated BatchNorm over 1920 images"
 
-The step uses XLA's convolutions (`impl="xla"`): the CPU's training kernels compute an inception block's three
-1x1 convolutions and their BatchNorm as one product, past the BatchNorm layers this reads.
+The step runs the model's own kernels with each 1x1 convolution and its BatchNorm on its own
+(`plan.separate_1x1`): in training the CPU's kernels compute an inception block's three 1x1 convolutions and
+their BatchNorm as one product, past the BatchNorm layers this reads.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from flax.core import unfreeze
 
 from jax_googlenet.layers import BatchNorm
 from jax_googlenet.model import GoogLeNet
+from jax_googlenet.ops import plan
 
 
 class PreciseStats(NamedTuple):
@@ -66,7 +68,7 @@ def batch_moments(model: GoogLeNet, variables: Mapping[str, Any], images: jax.Ar
                                             jnp.sum(jnp.square(x - mean), axes))
         return next_fun(*args, **kwargs)
 
-    with nn.intercept_methods(capture):
+    with nn.intercept_methods(capture), plan.separate_1x1():
         model.apply(dict(variables), preprocess(images), train=True, mutable=["batch_stats"],
                     rngs={"dropout": jax.random.key(0)})  # dropout acts after every BatchNorm: any key
     return moments
@@ -98,7 +100,7 @@ def precise_batch_norm(model: GoogLeNet, variables: Mapping[str, Any], batches: 
         raise ValueError(f"precise_batch_norm needs a GoogLeNet with BatchNorm layers; this one is "
                          f"{'folded' if model.folded else f'the {model.variant.name} variant, without them'}")
     variables = unfreeze(dict(variables))
-    model = model.clone(impl="xla", aux_logits=model.aux_logits and "aux1" in variables["params"])
+    model = model.clone(aux_logits=model.aux_logits and "aux1" in variables["params"])
     used = {k: variables[k] for k in ("params", "batch_stats")}
     step = _moments_step(model, preprocess, mesh, tuple(sorted((compiler_options or {}).items())))
     totals: dict[tuple[str, ...], tuple[int, np.ndarray, np.ndarray]] = {}

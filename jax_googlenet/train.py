@@ -72,10 +72,17 @@ def param_groups(params: Any, *, freeze_backbone: bool = False) -> Any:
         lambda path, _: "head" if any(path[:len(h)] == h for h in heads) else "backbone", params)
 
 
+# The init runs once: on the CPU it compiles without LLVM's optimisations, 7.5 s against 17.3 for the 32-pixel
+# MNIST model (its random initialisers, one threefry hash and truncated normal per parameter, are the whole
+# program), the parameters equal within float rounding (7e-9); benchmarks/NOTES.md, "The default MNIST run".
+INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
+
+
 def create_train_state(rng: jax.Array, model: nn.Module, input_shape: tuple[int, ...],
                        tx: optax.GradientTransformation) -> TrainState:
     """Initialise the model on zeros of `input_shape` (NHWC, batch included) and the optimizer."""
-    variables = jax.jit(model.init)(rng, jnp.zeros(input_shape, jnp.float32))
+    variables = jax.jit(model.init, compiler_options=INIT_COMPILER_OPTIONS.get(jax.default_backend()))(
+        rng, jnp.zeros(input_shape, jnp.float32))
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                              batch_stats=variables.get("batch_stats", {}))
 

@@ -405,3 +405,12 @@ def test_folded_inference_runs_a_few_images_at_a_time_on_the_cpu():
     assert plan.eval_chunk(1, 224, 224, "cpu") == 1
     assert plan.eval_chunk(3, 600, 600, "cpu") == 1
     assert plan.eval_chunk(256, 224, 224, "gpu") == 256
+
+
+def test_recalibrations_forward_keeps_each_1x1_convolution_with_its_own_batch_norm():
+    """The train step merges an inception block's three 1x1 convolutions (one product, one BatchNorm); inside
+    `plan.separate_1x1` (the recalibration's forward, which reads each BatchNorm's input) none is merged."""
+    merged = [r for r in plan.network_plan(32, 2) if r.forward == "merged dot"]
+    assert len(merged) == 9
+    with plan.separate_1x1():
+        assert not [r for r in plan.network_plan(32, 2) if r.forward == "merged dot"]

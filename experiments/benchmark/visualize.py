@@ -2,9 +2,9 @@
 PyTorch port of Lucid), side by side on the same weights.
 
 Both sides render the same channels of one layer (default: 16 channels of inception4a, one image each, in one
-batch) of torchvision's GoogLeNet (its init under seed 0, BatchNorm randomised, converted here by `convert`):
-128x128 images in Lucid's Fourier parameterisation with decorrelated colour, ImageNet normalisation, Adam at lr
-0.05 for 256 steps. Two settings: transforms off (the final objectives must agree: same method, different random
+batch) of torchvision's GoogLeNet (its init under seed 0, BatchNorm's statistics calibrated on noise images,
+converted here by `convert`): 128x128 images in Lucid's Fourier parameterisation with decorrelated colour,
+ImageNet normalisation, Adam at lr 0.05 for 256 steps. Two settings: transforms off (the final objectives must agree: same method, different random
 starts) and lucent's `standard_transforms` on both sides (the speed comparison: channels rendered per second).
 The final objective is each channel's mean activation on the final, untransformed image. Ours is timed after
 one compilation (reported apart); each side runs once. Besides wall-clock seconds it reports each side's CPU
@@ -20,19 +20,31 @@ import sys
 import time
 from pathlib import Path
 
-from convert.torchvision import randomise_batch_norm
 from experiments.benchmark.machine import configure_threads
 
 
-def torch_googlenet(seed: int = 0):
-    """torchvision's GoogLeNet (no aux heads, no transform_input) with its init under `seed` and random
-    BatchNorm affine parameters and running statistics, so BatchNorm is not an identity."""
+def torch_googlenet(seed: int = 0, size: int = 128, calibration_batches: int = 4):
+    """torchvision's GoogLeNet (no aux heads, no transform_input) with its init under `seed` and BatchNorm's
+    running statistics those of `calibration_batches` batches of 16 uniform-noise images (ImageNet-normalised,
+    `size` pixels): every layer's activations then have unit scale and depend on the input. Randomised statistics
+    (`convert.torchvision.randomise_batch_norm`, as the parity tests use) leave inception4a's channels constant in
+    the input at this init, whose kernels have std 0.01: both renderers then end where they start."""
     import torch
     import torchvision
+    from torchvision.transforms import Normalize
 
     torch.manual_seed(seed)
     model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True, transform_input=False)
-    randomise_batch_norm(model, seed + 1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average: the population statistics of the batches below
+    normalize = Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    generator = torch.Generator().manual_seed(seed + 1)
+    model.train()
+    with torch.no_grad():
+        for _ in range(calibration_batches):
+            model(normalize(torch.rand(16, 3, size, size, generator=generator)))
     return model.eval()
 
 
@@ -111,7 +123,7 @@ def main(argv=None) -> int:
     from jax_googlenet.model import googlenet
 
     torch.set_num_threads(threads)
-    tmodel = torch_googlenet()
+    tmodel = torch_googlenet(size=args.size)
     model = googlenet("torchvision", aux_logits=False)
     variables = torchvision_to_flax(tmodel.state_dict(), aux=False, model=model)
     channels = list(range(args.channels))

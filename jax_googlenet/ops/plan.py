@@ -198,6 +198,20 @@ def _conv(x_shape, kernel_shape, stride: int, padding: int, dtype, impl: str) ->
                   lambda x, kern: conv_ops.conv_kxk(x, kern, padding, forward, weight_grad)), None
 
 
+_SEPARATE_1X1: contextvars.ContextVar[bool] = contextvars.ContextVar("plan_separate_1x1", default=False)
+
+
+@contextlib.contextmanager
+def separate_1x1():
+    """Inside the block, `merged_1x1` merges nothing: each 1x1 convolution runs with its own BatchNorm (the
+    recalibration's forward, which reads every BatchNorm's input; `jax_googlenet.recalibrate`)."""
+    token = _SEPARATE_1X1.set(True)
+    try:
+        yield
+    finally:
+        _SEPARATE_1X1.reset(token)
+
+
 def merged_1x1(x_shape, features, impl: str, mode: str, name: str | None = None) -> Kernel | None:
     """The kernel computing an inception block's three 1x1 convolutions of its input (`features` outputs each)
     as one product (`jax_googlenet.ops.merged`), or None: each on its own, as `conv` says.
@@ -205,7 +219,7 @@ def merged_1x1(x_shape, features, impl: str, mode: str, name: str | None = None)
     Merged in training on the CPU's kernels: the train step +1.5% at 16/224, +6% at 64/96, +2.3% at 64/32. The
     eval forward runs the same at 224 and 96 and 30% slower at 32, so inference keeps the three (NOTES.md, "The
     inception block's 1x1 products merged, XLA's elemental emitters")."""
-    if mode != "train" or impl not in ("slices", "winograd"):
+    if mode != "train" or impl not in ("slices", "winograd") or _SEPARATE_1X1.get():
         return None
     op = "conv 1x1/1 -> " + "+".join(str(f) for f in features)
     return _answer(Kernel("merged dot", "dots (autodiff)", merged_ops.merged_1x1), mode, name, "conv", x_shape, op,
