@@ -80,9 +80,13 @@ INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
 
 def create_train_state(rng: jax.Array, model: nn.Module, input_shape: tuple[int, ...],
                        tx: optax.GradientTransformation) -> TrainState:
-    """Initialise the model on zeros of `input_shape` (NHWC, batch included) and the optimizer."""
-    variables = jax.jit(model.init, compiler_options=INIT_COMPILER_OPTIONS.get(jax.default_backend()))(
-        rng, jnp.zeros(input_shape, jnp.float32))
+    """Initialise the model on zeros of `input_shape` (NHWC, batch included) and the optimizer. Traceable (e.g.
+    under `jax.eval_shape`): inside a trace the init joins the outer computation, without its compile options."""
+    x = jnp.zeros(input_shape, jnp.float32)
+    if isinstance(rng, jax.core.Tracer) or isinstance(x, jax.core.Tracer):
+        variables = jax.jit(model.init)(rng, x)
+    else:
+        variables = jax.jit(model.init, compiler_options=INIT_COMPILER_OPTIONS.get(jax.default_backend()))(rng, x)
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                              batch_stats=variables.get("batch_stats", {}))
 

@@ -65,3 +65,12 @@ def test_eval_with_a_partial_last_batch_counts_every_image_once(tiny):
                                              preprocess(x), train=False))(state, test.images)
     assert sums["count"] == 10
     assert sums["correct"] == float(np.sum(np.argmax(logits, -1) == test.labels))
+
+
+def test_the_train_state_can_be_built_abstractly_inside_a_trace():
+    """`jax.eval_shape` over `create_train_state` (as a resume builds the abstract state to restore into) traces
+    the init inside the outer trace, where its CPU compile options cannot apply: the shapes come back, no error."""
+    model = googlenet("torchvision", num_classes=10, in_channels=1)
+    abstract = jax.eval_shape(lambda: train.create_train_state(jax.random.key(0), model, (1, 32, 32, 1),
+                                                               optax.sgd(0.1)))
+    assert abstract.params["conv1"]["conv"]["kernel"].shape == (7, 7, 1, 64)
