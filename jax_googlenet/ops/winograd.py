@@ -270,18 +270,25 @@ def _winograd_fwd(x, kernel, padding, m):
 
 
 def _winograd_bwd(padding, m, res, dy):
-    """dM = A dY A^T per output tile; dU = V^T dM and dV = dM U^T per position (batched dots); the kernel's
-    gradient G^T dU G, the input's the overlapping sum of B dV B^T over the input tiles."""
+    """The transform-domain backward (`_grads`); the kernel's gradient G^T dU G."""
     x, kernel = res
-    r, c, k, a, ho, wo, ht, wt, at, g, bt = _plan(x.shape, kernel.shape, padding, m)
+    g = transforms(m, kernel.shape[0])[1]
+    dx, du = _grads(x, filter_transform(kernel, g), padding, m, dy)
+    return dx, filter_transform_transpose(du, g).astype(kernel.dtype)
+
+
+def _grads(x, u, padding: int, m: int, dy):
+    """(dx, dU) of y = conv(x) through the transform U: dM = A dY A^T per output tile; dU = V^T dM and
+    dV = dM U^T per position (batched dots); dx the overlapping sum of B dV B^T over the input tiles."""
+    r, c, k, a, ho, wo, ht, wt, at, g, bt = _u_plan(x.shape, u.shape, padding, m)
     n, h, w = x.shape[:3]
     v = _data_tiles(x, padding, m, r, ht, wt, bt)
     dyp = lax.pad(dy, jnp.zeros((), dy.dtype), [(0, 0, 0), (0, ht * m - ho, 0), (0, wt * m - wo, 0), (0, 0, 0)])
     dm = lax.reshape(tiles_in(dyp, at.T, m, ht, wt, FORMS["output_grad"]), (a * a, n * ht * wt, k))
     du = lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))))  # (a*a, c, k)
-    dv = lax.dot_general(dm, filter_transform(kernel, g), (((2,), (2,)), ((0,), (0,))))  # (a*a, tiles, c)
+    dv = lax.dot_general(dm, u, (((2,), (2,)), ((0,), (0,))))  # (a*a, tiles, c)
     dx = tiles_out(lax.reshape(dv, (a * a, n, ht, wt, c)), bt.T, m, h, w, offset=padding, form=FORMS["data_grad"])
-    return dx.astype(x.dtype), filter_transform_transpose(du, g).astype(kernel.dtype)
+    return dx.astype(x.dtype), du
 
 
 _winograd.defvjp(_winograd_fwd, _winograd_bwd)
@@ -327,19 +334,12 @@ def _winograd_bias_relu_fwd(x, u, bias, padding, m):
 
 
 def _winograd_bias_relu_bwd(padding, m, res, dy):
-    """The ReLU's gradient where the output is positive, then the bias's sum and the transform-domain backward:
-    dM = A dZ A^T per output tile, dU = V^T dM, the input's gradient the overlapping sum of B (dM U^T) B^T."""
+    """The ReLU's gradient where the output is positive, then the bias's sum and the transform-domain backward
+    (`_grads`)."""
     x, u, bias, y = res
-    r, c, k, a, ho, wo, ht, wt, at, g, bt = _u_plan(x.shape, u.shape, padding, m)
-    n, h, w = x.shape[:3]
     dz = jnp.where(y > 0, dy, jnp.zeros((), dy.dtype))
-    v = _data_tiles(x, padding, m, r, ht, wt, bt)
-    dzp = lax.pad(dz, jnp.zeros((), dz.dtype), [(0, 0, 0), (0, ht * m - ho, 0), (0, wt * m - wo, 0), (0, 0, 0)])
-    dm = lax.reshape(tiles_in(dzp, at.T, m, ht, wt, FORMS["output_grad"]), (a * a, n * ht * wt, k))
-    du = lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))))  # (a*a, c, k)
-    dv = lax.dot_general(dm, u, (((2,), (2,)), ((0,), (0,))))  # (a*a, tiles, c)
-    dx = tiles_out(lax.reshape(dv, (a * a, n, ht, wt, c)), bt.T, m, h, w, offset=padding, form=FORMS["data_grad"])
-    return dx.astype(x.dtype), du.astype(u.dtype), jnp.sum(dz, axis=(0, 1, 2)).astype(bias.dtype)
+    dx, du = _grads(x, u, padding, m, dz)
+    return dx, du.astype(u.dtype), jnp.sum(dz, axis=(0, 1, 2)).astype(bias.dtype)
 
 
 _winograd_bias_relu.defvjp(_winograd_bias_relu_fwd, _winograd_bias_relu_bwd)
