@@ -1,15 +1,21 @@
+import contextlib
 import os
+from pathlib import Path
 
-import jax
-import pytest
-import torch
-import torchvision
+# Parity is measured at full float32 precision on both sides. Set in the environment too, so that the jobs the
+# tests start as subprocesses trace the same programs and hit the compilation cache the in-process runs filled
+# (without it each subprocess compiled its train and eval steps again: 17 s a tiny run, measured).
+os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
 
-from convert import torchvision_to_flax
-from convert.torchvision import randomise_batch_norm
-from jax_googlenet import compilation_cache
+import jax  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
 
-# Parity is measured at full float32 precision on both sides.
+from convert import torchvision_to_flax  # noqa: E402
+from convert.torchvision import randomise_batch_norm  # noqa: E402
+from jax_googlenet import compilation_cache  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -52,3 +58,44 @@ def compile_cache(tmp_path_factory):
         del os.environ["JAX_GOOGLENET_CACHE_DIR"]
     else:
         os.environ["JAX_GOOGLENET_CACHE_DIR"] = old
+
+
+# The two workers take a test file at a time (`--dist loadfile --no-loadscope-reorder`), the next one as their
+# current file nears its end: the files that take longest (summed test durations of a whole run, --durations=0,
+# most first) start first, so that no long file is left to run alone at the end.
+SLOWEST_FIRST = ["test_finetune_cli.py", "test_mnist_cli.py", "test_parity.py", "test_visualize.py",
+                 "test_mnist_faults.py", "test_benchmark.py", "test_predict.py", "test_faults.py",
+                 "test_distributed.py", "test_model.py", "test_mnist_train.py", "test_recalibrate.py",
+                 "test_export.py", "test_ops.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: a file's own order
+
+
+@contextlib.contextmanager
+def unoptimised():
+    """XLA compiles with most optimisations off inside (`jax_disable_most_optimizations`: LLVM at level 0, its
+    expensive passes skipped): for tests of what a program computes, compiled once and run on small inputs,
+    where compiling is most of the time (a 64-pixel input gradient: 10.4 -> 5.4 s, measured)."""
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="module")
+def unoptimised_compiles():
+    """`unoptimised` for a whole module (`pytestmark = pytest.mark.usefixtures("unoptimised_compiles")`)."""
+    with unoptimised():
+        yield
+
+
+@pytest.fixture
+def unoptimised_compile():
+    """`unoptimised` for one test: a job run whose steps no other run here shares."""
+    with unoptimised():
+        yield

@@ -16,6 +16,7 @@ TINY = ["--threads", "1", "--batch-sizes", "2", "--image-size", "32", "--repeats
 # time (the fixture's CPU time 86 -> 55 s; XLA's FLOP count stays within the FLOP test's bounds, measured).
 UNOPTIMISED = "--xla_backend_optimization_level=0"
 SPREAD = ("ms_per_step", "images_per_s")
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")  # conftest.py; no test here asserts a speed
 COMPILE_FIELDS = ("compile_cold_s", "compile_warm_s", "warm_cache_hit")
 
 

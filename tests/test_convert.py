@@ -19,6 +19,8 @@ from convert.torchvision import flax_path, to_flax_array, torch_key
 from jax_googlenet.checkpoint import abstract_variables, load_model
 from jax_googlenet.model import googlenet
 
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")  # conftest.py: compiled for what it computes
+
 
 def n_params(tree) -> int:
     return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))

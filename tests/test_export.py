@@ -27,6 +27,8 @@ from jax_googlenet.checkpoint import default_serving, load_serving, save_model
 from jax_googlenet.imagenet import preprocess
 from jax_googlenet.model import accepted_sides, googlenet
 
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")  # conftest.py: compiled for what it computes
+
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
 
 

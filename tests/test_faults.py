@@ -22,6 +22,8 @@ from experiments import plots
 from jax_googlenet import data
 from jax_googlenet.data import folder, transforms
 
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")  # conftest.py: compiled for what it computes
+
 SEED = 24  # the fuzzer's seed: every run tries the same cases
 
 

@@ -11,6 +11,8 @@ from flax import traverse_util
 
 from jax_googlenet import GoogLeNetOutputs, accepted_sides, googlenet, stage_sizes, train
 
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")  # conftest.py: compiled for what it computes
+
 KEY = jax.random.key(0)
 
 

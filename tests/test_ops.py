@@ -15,6 +15,8 @@ from jax_googlenet import googlenet, ops
 from jax_googlenet.ops import __main__ as ops_main
 from jax_googlenet.ops import conv2d, local_response_norm, max_pool, norm, plan, winograd
 
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")  # conftest.py: compiled for what it computes
+
 
 def forward_and_grads(conv, x, w, g):
     """conv(x, w) and its input and kernel gradients for the cotangent g, jitted as one function (op-by-op

@@ -24,6 +24,8 @@ from jax_googlenet.ops import compiler_options
 from jax_googlenet.train import classification_loss, make_optimizer
 from writeup_model import GoogLeNet as WriteupGoogLeNet
 
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")  # conftest.py: compiled for what it computes
+
 # Forward outputs: 22 float32 layers (summation order differs between XLA and torch's CPU kernels) give
 # 1e-7..2e-5 measured; 1e-4 is the project's parity bound (README, "Parity with PyTorch"), met with a 5x margin.
 FORWARD_RTOL = 1e-4

@@ -19,6 +19,8 @@ from jax_googlenet.imagenet import categories
 from jax_googlenet.model import googlenet
 from test_export import init
 
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")  # conftest.py: compiled for what it computes
+
 WEIGHTS = torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1
 CLASSES = ["square", "circle", "triangle"]
 

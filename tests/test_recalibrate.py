@@ -27,6 +27,8 @@ from jax_googlenet import distributed
 from jax_googlenet.model import googlenet
 from jax_googlenet.recalibrate import _moments_step, precise_batch_norm
 
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")  # conftest.py: compiled for what it computes
+
 SIDE, BATCH, BATCHES = 64, 4, 3
 ROOT = Path(__file__).resolve().parents[1]
 
