@@ -83,10 +83,9 @@ def create_train_state(rng: jax.Array, model: nn.Module, input_shape: tuple[int,
     """Initialise the model on zeros of `input_shape` (NHWC, batch included) and the optimizer. Traceable (e.g.
     under `jax.eval_shape`): inside a trace the init joins the outer computation, without its compile options."""
     x = jnp.zeros(input_shape, jnp.float32)
-    if isinstance(rng, jax.core.Tracer) or isinstance(x, jax.core.Tracer):
-        variables = jax.jit(model.init)(rng, x)
-    else:
-        variables = jax.jit(model.init, compiler_options=INIT_COMPILER_OPTIONS.get(jax.default_backend()))(rng, x)
+    traced = isinstance(rng, jax.core.Tracer) or isinstance(x, jax.core.Tracer)
+    options = None if traced else INIT_COMPILER_OPTIONS.get(jax.default_backend())
+    variables = jax.jit(model.init, compiler_options=options)(rng, x)
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                              batch_stats=variables.get("batch_stats", {}))
 

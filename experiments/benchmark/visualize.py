@@ -4,8 +4,8 @@ PyTorch port of Lucid), side by side on the same weights.
 Both sides render the same channels of one layer (default: 16 channels of inception4a, one image each, in one
 batch) of torchvision's GoogLeNet (its init under seed 0, BatchNorm's statistics calibrated on noise images,
 converted here by `convert`): 128x128 images in Lucid's Fourier parameterisation with decorrelated colour,
-ImageNet normalisation, Adam at lr 0.05 for 256 steps. Two settings: transforms off (the final objectives must agree: same method, different random
-starts) and lucent's `standard_transforms` on both sides (the speed comparison: channels rendered per second).
+ImageNet normalisation, Adam at lr 0.05 for 256 steps. Two settings: transforms off (the final objectives must
+agree: same method, different random starts) and lucent's `standard_transforms` on both sides (the speed comparison: channels rendered per second).
 The final objective is each channel's mean activation on the final, untransformed image. Ours is timed after
 one compilation (reported apart); each side runs once. Besides wall-clock seconds it reports each side's CPU
 seconds (this process's, all threads), the fairer figure on a CPU shared with other work. Prints a table;
@@ -33,13 +33,15 @@ def torch_googlenet(seed: int = 0, size: int = 128, calibration_batches: int = 4
     import torchvision
     from torchvision.transforms import Normalize
 
+    from jax_googlenet import imagenet
+
     torch.manual_seed(seed)
     model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True, transform_input=False)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.reset_running_stats()
             m.momentum = None  # a cumulative average: the population statistics of the batches below
-    normalize = Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    normalize = Normalize(mean=imagenet.MEAN, std=imagenet.STD)
     generator = torch.Generator().manual_seed(seed + 1)
     model.train()
     with torch.no_grad():
@@ -54,6 +56,8 @@ def run_lucent(model, layer: str, channels: list[int], size: int, steps: int, lr
     import torch
     from lucent.optvis import objectives, param, render, transform
     from torchvision.transforms import Normalize
+
+    from jax_googlenet import imagenet
 
     torch.manual_seed(seed)
     objective = sum(objectives.channel(layer, c, batch=i) for i, c in enumerate(channels))
