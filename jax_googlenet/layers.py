@@ -109,6 +109,33 @@ def max_pool(x, window: int, stride: int, pool_mode: str, *, pad: int = 0, impl:
     return plan.max_pool(x.shape, window, stride, pool_mode, pad, impl, mode, name).run(x)
 
 
+class RepeatedGridDense(nn.Module):
+    """flax's Dense on the NHWC flatten of a `grid` x `grid` map whose every position repeats an input position
+    (torch's adaptive average pool to a grid that the input's side divides, e.g. 2x2 -> 4x4 in the aux heads at
+    32-pixel inputs), computed on the input's h x w x C flatten: the kernel's rows of each position's copies are
+    summed first, a product with 1/r**2 of the rows (r = grid / side). The parameters are Dense's (the same
+    names, shapes and initialisers), so the two are interchangeable; the gradient reaches every row through the
+    sum."""
+
+    features: int
+    grid: int
+    kernel_init: Initializer
+    bias_init: Initializer
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # x: N x h x w x C, grid % h == grid % w == 0
+        n, h, w, c = x.shape
+        g = self.grid
+        kernel = _param(self, "kernel", self.kernel_init, (g * g * c, self.features), self.param_dtype)
+        bias = _param(self, "bias", self.bias_init, (self.features,), self.param_dtype)
+        # Row (i, j, c) of the grid reads input position (i // (g / h), j // (g / w)).
+        kernel = kernel.reshape(h, g // h, w, g // w, c, self.features).sum((1, 3)).reshape(h * w * c, -1)
+        x, kernel, bias = nn.dtypes.promote_dtype(x.reshape(n, h * w * c), kernel, bias, dtype=self.dtype)
+        return x @ kernel + bias
+
+
 def dense(features: int, fan_in: int, init: str, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
     """flax's Dense with the variant's torch-style initialisers (the bias bound needs `fan_in`)."""
     kernel_init, bias_init = initializers(init, fan_in)
@@ -125,6 +152,9 @@ class BatchNorm(nn.Module):
     epsilon: float = 1e-3
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    # How many times each position of x stands in the batch torch normalises (`RepeatedGrid`): the mean and
+    # biased variance are the same, the count in the unbiased running variance is x's times this.
+    repeats: int = 1
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -138,7 +168,7 @@ class BatchNorm(nn.Module):
             y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.dtype)
             if not self.is_initializing():
                 ra_mean.value, ra_var.value = update_running_stats(ra_mean.value, ra_var.value, mean, var,
-                                                                   x.size // c, self.momentum)
+                                                                   x.size // c * self.repeats, self.momentum)
             return y
         return batch_norm_apply(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, self.dtype)
 

@@ -63,9 +63,9 @@ def batch_moments(model: GoogLeNet, variables: Mapping[str, Any], images: jax.Ar
         if isinstance(context.module, BatchNorm) and context.method_name == "__call__":
             x = args[0].astype(jnp.promote_types(jnp.float32, args[0].dtype))
             axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x, axes)
-            moments[context.module.path] = (jnp.int32(x.size // x.shape[-1]), mean,
-                                            jnp.sum(jnp.square(x - mean), axes))
+            mean, r = jnp.mean(x, axes), context.module.repeats  # each position counts r times (`repeats`)
+            moments[context.module.path] = (jnp.int32(x.size // x.shape[-1] * r), mean,
+                                            r * jnp.sum(jnp.square(x - mean), axes))
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(capture), plan.separate_1x1():

@@ -122,6 +122,19 @@ def test_train_returns_three_heads_and_updates_batch_statistics(small, train_app
     assert all(jax.tree.leaves(changed))
 
 
+def test_aux_heads_multiply_on_the_maps_the_adaptive_pool_repeats(small):
+    """At 32 pixels the aux heads read 2x2 maps, which torch's adaptive pool repeats to 4x4: the train step's
+    aux convolutions and fc1 products run on the 2x2 maps (fc1 on 2*2*128 features, not 4*4*128), a quarter of
+    the multiplications; tests/test_parity.py checks the numbers against torchvision's at 32 pixels."""
+    model, variables, x = small
+    jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"],
+                                                 rngs={"dropout": KEY}))(variables)
+    products = {tuple(v.aval.shape for v in e.invars) for e in jaxpr.eqns if e.primitive.name == "dot_general"}
+    assert ((4, 2 * 2 * 128), (2 * 2 * 128, 1024)) in products
+    assert ((4, 4 * 4 * 128), (4 * 4 * 128, 1024)) not in products
+    assert variables["params"]["aux1"]["fc1"]["kernel"].shape == (4 * 4 * 128, 1024)  # torchvision's parameter
+
+
 def test_dropout_is_reproducible_from_the_rng(small, train_apply):
     _, variables, x = small
     a, _ = train_apply(variables, x, jax.random.key(3))
