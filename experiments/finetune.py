@@ -303,11 +303,12 @@ def create_state(cfg: dict, rng, steps_per_epoch: int, *, init: str | None, lead
 def make_steps(cfg: dict, model, dropout_rng, mesh):
     """The jitted train (or linear-probe) step and folded eval step (`experiments.inference`) on uint8 crops,
     normalised on the device."""
-    step = (train.probe_step if cfg["freeze_backbone"] else
-            functools.partial(train.train_step, loss_mode=cfg["loss_mode"]))
+    step, kwargs = (train.probe_step, {}) if cfg["freeze_backbone"] else (train.train_step,
+                                                                          {"loss_mode": cfg["loss_mode"]})
     options = compiler_options(cfg["image_size"], cfg["dtype"])
-    return (train.jit_train_step(options, step=step, mesh=mesh, rng=dropout_rng, preprocess=imagenet.normalize,
-                                 label_smoothing=cfg["label_smoothing"]),
+    jitted = train.jit_train_step(options, step=step, mesh=mesh, preprocess=imagenet.normalize,
+                                  label_smoothing=cfg["label_smoothing"], **kwargs)
+    return (lambda state, batch: jitted(state, batch, dropout_rng),
             inference.jit_folded_eval_step(model, options, mesh=mesh, preprocess=imagenet.normalize,
                                            num_classes=len(cfg["classes"])))
 

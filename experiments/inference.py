@@ -41,18 +41,20 @@ def recalibrate_images(given: int | None, train_size: int, *, off: str | None = 
 
 
 def jit_folded_eval_step(model: GoogLeNet, options: dict | None, *, mesh, **kwargs) -> Callable:
-    """`train.eval_step` on the folded `model`: (folded variables, batch) -> sums, jitted once."""
+    """`train.eval_step` on the folded `model`: (folded variables, batch) -> sums, jitted once (per model,
+    options, mesh and `kwargs`, `train.jit_eval_step`)."""
+    return train.jit_eval_step(options, step=folded_eval_step, mesh=mesh, model=model, **kwargs)
 
-    def step(variables, batch):
-        # eval_step applies {"params", "batch_stats"}: the prepared weights join them here
-        def apply(v, x, *, train):
-            del train  # eval_step's train=False
-            return fold_ops.apply(folded(model), {"params": v["params"], PREPARED: variables[PREPARED]}, x)
 
-        state = types.SimpleNamespace(apply_fn=apply, params=variables["params"], batch_stats={})
-        return train.eval_step(state, batch, **kwargs)
+def folded_eval_step(variables, batch, *, model: GoogLeNet, **kwargs):
+    """`train.eval_step` of folded `variables` ({"params", "prepared"}) on the folded `model`."""
 
-    return train.jit_eval_step(options, step=step, mesh=mesh)
+    def apply(v, x, *, train):  # eval_step applies {"params", "batch_stats"}: the prepared weights join them here
+        del train  # eval_step's train=False
+        return fold_ops.apply(folded(model), {"params": v["params"], PREPARED: variables[PREPARED]}, x)
+
+    state = types.SimpleNamespace(apply_fn=apply, params=variables["params"], batch_stats={})
+    return train.eval_step(state, batch, **kwargs)
 
 
 class Inference:

@@ -233,20 +233,23 @@ def make_steps(cfg: dict, model, dropout_rng, shift_rng, mesh, *, images: int, r
     BatchNorm statistics recalibrated over `images` training digits): uint8 digits resized and normalised on
     the device, shifted at random in training (`max_shift`)."""
     preprocess = data.make_preprocess(cfg["image_size"], channels=cfg["in_channels"])
-    max_shift = cfg["max_shift"]
-
-    def train_fn(state, batch):
-        if max_shift:  # augmentation on the device, keyed by the step so a resumed run draws the same shifts
-            shift_key = jax.random.fold_in(shift_rng, state.step)
-            batch = {**batch, "image": data.random_shift(batch["image"], shift_key, max_shift)}
-        return train.train_step(state, batch, dropout_rng, loss_mode=cfg["loss_mode"], preprocess=preprocess)
-
     options = compiler_options(cfg["image_size"], cfg["dtype"])
+    jitted = train.jit_train_step(options, step=train_step, mesh=mesh, loss_mode=cfg["loss_mode"],
+                                  preprocess=preprocess, max_shift=cfg["max_shift"])
     evaluated = inference.Inference(model, image_shape=(cfg["image_size"], cfg["image_size"], cfg["in_channels"]),
                                     images=images, batches=recalibration_batches, preprocess=preprocess,
                                     options=options, mesh=mesh, lead=lead)
-    return (train.jit_train_step(options, step=train_fn, mesh=mesh),
+    return (lambda state, batch: jitted(state, batch, dropout_rng, shift_rng),
             inference.jit_folded_eval_step(model, options, mesh=mesh, preprocess=preprocess), evaluated)
+
+
+def train_step(state, batch, dropout_rng, shift_rng, *, loss_mode: str, preprocess, max_shift: int):
+    """`train.train_step` on the digits shifted at random on the device by up to `max_shift` pixels, keyed by the
+    step so a resumed run draws the same shifts."""
+    if max_shift:
+        batch = {**batch, "image": data.random_shift(batch["image"], jax.random.fold_in(shift_rng, state.step),
+                                                     max_shift)}
+    return train.train_step(state, batch, dropout_rng, loss_mode=loss_mode, preprocess=preprocess)
 
 
 def check_image_size(cfg: dict) -> None:

@@ -34,6 +34,7 @@ class TrainState(train_state.TrainState):
     batch_stats: Any = None
 
 
+@functools.lru_cache(maxsize=16)
 def make_optimizer(learning_rate: float, *, momentum: float = 0.9, nesterov: bool = False,
                    weight_decay: float = 0.0, schedule: str = "constant", total_steps: int = 0,
                    warmup_steps: int = 0, backbone_lr_scale: float = 1.0,
@@ -44,6 +45,9 @@ def make_optimizer(learning_rate: float, *, momentum: float = 0.9, nesterov: boo
     `backbone_lr_scale` the backbone (everything but `HEADS`) runs at that fraction of the heads' learning rate;
     with `freeze_backbone` only the main classifier `fc` trains and every other parameter gets a zero update
     (`optax.multi_transform`, groups from `param_groups`).
+
+    Equal arguments give the same object: a train state holds its optimizer as static data, so a state made
+    again with the same settings (a second run in one process) keeps the jitted steps' traces and executables.
     """
     if freeze_backbone or backbone_lr_scale != 1.0:
         sgd = functools.partial(make_optimizer, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
@@ -82,10 +86,11 @@ def create_train_state(rng: jax.Array, model: nn.Module, input_shape: tuple[int,
                        tx: optax.GradientTransformation) -> TrainState:
     """Initialise the model on zeros of `input_shape` (NHWC, batch included) and the optimizer. Traceable (e.g.
     under `jax.eval_shape`): inside a trace the init joins the outer computation, without its compile options."""
+    model = _canonical(model)
     x = jnp.zeros(input_shape, jnp.float32)
     traced = isinstance(rng, jax.core.Tracer) or isinstance(x, jax.core.Tracer)
     options = None if traced else INIT_COMPILER_OPTIONS.get(jax.default_backend())
-    variables = jax.jit(model.init, compiler_options=options)(rng, x)
+    variables = _jitted_init(model, _items(options))(rng, x)
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                              batch_stats=variables.get("batch_stats", {}))
 
@@ -207,18 +212,47 @@ def jit_train_step(compiler_options: dict | None = None, *, step: Callable = tra
                    **kwargs) -> Callable:
     """`step` (default `train_step`) with `kwargs` bound, jitted with XLA's `compiler_options`
     (`ops.compiler_options` for the image size), the incoming state's buffers donated, the outputs replicated
-    over `mesh` when given."""
-    return _jit(functools.partial(step, **kwargs), compiler_options, mesh, donate_argnums=0)
+    over `mesh` when given. The same arguments give the same jitted function (`_jit`)."""
+    return _jit(step, kwargs, compiler_options, mesh, donate_argnums=0)
 
 
 def jit_eval_step(compiler_options: dict | None = None, *, step: Callable = eval_step, mesh=None,
                   **kwargs) -> Callable:
     """`step` (default `eval_step`) with `kwargs` bound, jitted with XLA's `compiler_options`, the outputs
-    replicated over `mesh` when given."""
-    return _jit(functools.partial(step, **kwargs), compiler_options, mesh)
+    replicated over `mesh` when given. The same arguments give the same jitted function (`_jit`)."""
+    return _jit(step, kwargs, compiler_options, mesh)
 
 
-def _jit(fn: Callable, compiler_options: dict | None, mesh, **jit_kwargs) -> Callable:
+def _items(options: dict | None) -> tuple | None:
+    return None if options is None else tuple(sorted(options.items()))
+
+
+def _jit(step: Callable, kwargs: dict, compiler_options: dict | None, mesh, donate_argnums=()) -> Callable:
+    """One jitted function per (step, its bound keyword arguments, options, mesh), kept for the process: jit's
+    traces and executables live in the function, so a second run of a job in one process (the tests run ~40)
+    skips tracing, lowering and loading the executable again (~7 s of an in-process rerun's 11.6 s at 16 pixels,
+    measured). The keyword arguments must be hashable: pass arrays (e.g. a dropout key) at the call."""
+    return _cached_jit(step, tuple(sorted(kwargs.items())), _items(compiler_options), mesh, donate_argnums)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_jit(step: Callable, kwargs: tuple, options: tuple | None, mesh, donate_argnums) -> Callable:
+    jit_kwargs = {"donate_argnums": donate_argnums}
     if mesh is not None:
         jit_kwargs["out_shardings"] = distributed.replicated(mesh)
-    return jax.jit(fn, compiler_options=compiler_options, **jit_kwargs)
+    return jax.jit(functools.partial(step, **dict(kwargs)),
+                   compiler_options=None if options is None else dict(options), **jit_kwargs)
+
+
+@functools.lru_cache(maxsize=8)
+def _canonical(model: nn.Module) -> nn.Module:
+    """The first model equal to `model` that this process made a train state for: the state holds `model.apply`
+    as static data, and bound methods compare by their object's identity, so an equal model's state would
+    otherwise miss the jitted steps' caches."""
+    return model
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model: nn.Module, options: tuple | None) -> Callable:
+    """`model.init` jitted once per model and options (`create_train_state`)."""
+    return jax.jit(model.init, compiler_options=None if options is None else dict(options))

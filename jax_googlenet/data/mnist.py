@@ -3,6 +3,8 @@ the host, resized, normalised and shifted at random on the device."""
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Sequence
 
 import grain
@@ -45,9 +47,11 @@ def eval_batches(source: Sequence, *, global_batch: int, num_threads: int = 4,
 # ----------------------------------------------------------------------------------------------- on device
 
 
+@functools.lru_cache(maxsize=8)
 def make_preprocess(image_size: int, *, channels: int = 1):
     """uint8 NHWC 28x28 -> float32 `image_size` square, bilinear, normalised; `channels` 3 repeats the grey
-    channel (for a model built for RGB, e.g. warm-started from ImageNet weights)."""
+    channel (for a model built for RGB, e.g. warm-started from ImageNet weights). The same arguments give the
+    same function, so the steps jitted with it are kept (`jax_googlenet.train.jit_train_step`)."""
 
     def preprocess(images: jax.Array) -> jax.Array:
         x = images.astype(jnp.float32) / 255.0
