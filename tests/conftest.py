@@ -14,12 +14,9 @@ import torchvision  # noqa: E402
 
 from convert import torchvision_to_flax  # noqa: E402
 from convert.torchvision import randomise_batch_norm  # noqa: E402
-from jax_googlenet import compilation_cache, host_memory  # noqa: E402
+from jax_googlenet import compilation_cache  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-# As the jobs run (`host_memory`): malloc keeps freed blocks and CPU steps run on the calling thread. Set before
-# any backend starts; the first in-process job run would set malloc's half anyway, and only for the tests after it.
-host_memory.configure(system_malloc=False)
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.set_float32_matmul_precision("highest")
