@@ -152,8 +152,9 @@ class BatchNorm(nn.Module):
     epsilon: float = 1e-3
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    # How many times each position of x stands in the batch torch normalises (`RepeatedGrid`): the mean and
-    # biased variance are the same, the count in the unbiased running variance is x's times this.
+    # How many times each position of x stands in the batch torch normalises (an aux head on the map its adaptive
+    # pool repeats, `model.InceptionAux`): the mean and biased variance are the same, the count in the unbiased
+    # running variance is x's times this.
     repeats: int = 1
 
     @nn.compact

@@ -4,7 +4,6 @@ the host, resized, normalised and shifted at random on the device."""
 from __future__ import annotations
 
 import functools
-
 from typing import Any, Sequence
 
 import grain
