@@ -36,6 +36,19 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch(tiny):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_the_jitted_steps_are_kept_per_configuration_and_an_array_argument_is_refused_in_one_line(tiny):
+    """jit_train_step gives the same jitted function for the same step, bound arguments and options, so a second
+    run in one process reuses its trace and executable; a bound array (e.g. a dropout key), which cannot key that
+    cache, is refused with a message saying to pass it at the call."""
+    _, _, preprocess = tiny
+    assert train.jit_train_step(preprocess=preprocess) is train.jit_train_step(preprocess=preprocess)
+    assert train.jit_train_step(preprocess=preprocess) is not train.jit_train_step(preprocess=preprocess,
+                                                                                   loss_mode="writeup")
+    with pytest.raises(TypeError, match="rng.*pass arrays such as a dropout key at the call") as e:
+        train.jit_train_step(rng=jax.random.key(0))
+    assert len(str(e.value).splitlines()) == 1
+
+
 def test_writeup_loss_is_ce_of_summed_logits_and_paper_loss_sums_ces():
     labels = jnp.array([0, 1, 2])
     rng = np.random.default_rng(0)
