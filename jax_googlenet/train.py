@@ -232,16 +232,19 @@ def _jit(step: Callable, kwargs: dict, compiler_options: dict | None, mesh, dona
     traces and executables live in the function, so a second run of a job in one process (the tests run ~40)
     skips tracing, lowering and loading the executable again (~7 s of an in-process rerun's 11.6 s at 16 pixels,
     measured). The keyword arguments must be hashable: pass arrays (e.g. a dropout key) at the call."""
-    unhashable = []
-    for name, value in kwargs.items():
-        try:
-            hash(value)
-        except TypeError:
-            unhashable.append(name)
+    unhashable = [name for name, value in kwargs.items() if not _hashable(value)]
     if unhashable:
         raise TypeError(f"{', '.join(unhashable)}: a jitted step's bound arguments must be hashable (they key its "
                         "cache); pass arrays such as a dropout key at the call")
     return _cached_jit(step, tuple(sorted(kwargs.items())), _items(compiler_options), mesh, donate_argnums)
+
+
+def _hashable(value) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=32)

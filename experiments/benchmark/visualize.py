@@ -1,15 +1,15 @@
 """python -m experiments.benchmark.visualize: feature visualisation here against lucent (torch-lucent 0.1.8, the
 PyTorch port of Lucid), side by side on the same weights.
 
-Both sides render the same channels of one layer (default: 16 channels of inception4a, one image each, in one
-batch) of torchvision's GoogLeNet (its init under seed 0, BatchNorm's statistics calibrated on noise images,
-converted here by `convert`): 128x128 images in Lucid's Fourier parameterisation with decorrelated colour,
-ImageNet normalisation, Adam at lr 0.05 for 256 steps. Two settings: transforms off (the final objectives must
-agree: same method, different random starts) and lucent's `standard_transforms` on both sides (the speed comparison: channels rendered per second).
-The final objective is each channel's mean activation on the final, untransformed image. Ours is timed after
-one compilation (reported apart); each side runs once. Besides wall-clock seconds it reports each side's CPU
-seconds (this process's, all threads), the fairer figure on a CPU shared with other work. Prints a table;
-`--json` writes the figures.
+Both sides render the same channels of one layer (default: 16 channels of inception4a, one image each, in one batch)
+of torchvision's GoogLeNet (its init under seed 0, BatchNorm's statistics calibrated on noise images, converted here
+by `convert`): 128x128 images in Lucid's Fourier parameterisation with decorrelated colour, ImageNet normalisation,
+Adam at lr 0.05 for 256 steps. Two settings: transforms off (the final objectives must agree: same method, different
+random starts) and lucent's `standard_transforms` on both sides (the speed comparison: channels rendered per
+second). The final objective is each channel's mean activation on the final, untransformed image. Ours is timed
+after one compilation (reported apart); each side runs once. Besides wall-clock seconds it reports each side's CPU
+seconds (this process's, all threads), the fairer figure on a CPU shared with other work. Prints a table; `--json`
+writes the figures.
 """
 
 from __future__ import annotations
