@@ -110,25 +110,26 @@ def test_a_generated_image_folder_is_learned_to_over_90_percent(learned):
 
 @pytest.mark.slow
 def test_a_short_run_from_scratch_is_evaluated_right_with_recalibrated_batch_norm_and_wrong_without(env, capsys):
-    """Shapes by colour (60 training / 45 held-out images, 5 epochs of 5 steps): the running statistics lag the
-    weights, so the network with them calls most held-out images one class (0.62 measured); with BatchNorm's
-    statistics recomputed over the training images before each evaluation (the default) it reaches 0.98. The
-    training and the checkpoints (running statistics) are the same in both runs; model/ holds the evaluated
-    statistics."""
+    """Shapes by colour (60 training / 45 held-out images, TINY's 8 epochs of 5 steps, so the steps are the
+    module's one compile): the running statistics lag the weights, so halfway through the network with them
+    calls every held-out image one class (0.33 measured from the first epoch to the fourth; it catches up only
+    at the end, 1.0 at the eighth); with BatchNorm's statistics recomputed over the training images before each
+    evaluation (the default) it is at 1.0 from the fourth epoch. The training and the checkpoints (running
+    statistics) are the same in both runs; model/ holds the evaluated statistics."""
     root = env["root"] / "shapes"
     write_shapes(root / "train", 20, 40, seed=0)
     write_shapes(root / "val", 15, 40, seed=1)
-    flags = ["--data", f"folder:{root}", "--image-size", "32", "--batch-size", "12", "--epochs", "5",
-             "--workers", "0"]
     results = {}
     for name, extra in (("default", []), ("off", ["--bn-recalibrate", "0"])):
         workdir = env["root"] / f"shapes-{name}"
-        rc, out, err = run_main([*flags, "--workdir", str(workdir), *extra], capsys)
+        rc, out, err = run_main(["--data", f"folder:{root}", *TINY, "--workdir", str(workdir), *extra], capsys)
         assert rc == 0, err
         results[name] = workdir, out, [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
     (workdir, out, records), (_, out_off, records_off) = results["default"], results["off"]
-    assert out.count("recalibrated BatchNorm over 60 images") == 5 and "recalibrated" not in out_off
-    assert records[-1]["test_accuracy"] >= 0.9 > records_off[-1]["test_accuracy"], (out, out_off)
+    assert out.count("recalibrated BatchNorm over 60 images") == 8 and "recalibrated" not in out_off
+    halfway = len(records) // 2 - 1
+    assert records[halfway]["test_accuracy"] >= 0.9 > records_off[halfway]["test_accuracy"], (out, out_off)
+    assert records[-1]["test_accuracy"] >= 0.9, out
     assert [r["train_loss"] for r in records] == [r["train_loss"] for r in records_off]
     (_, state), (_, state_off) = (job_runs.latest_checkpoint(results[k][0]) for k in ("default", "off"))
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(state_off), strict=True):  # running statistics kept
