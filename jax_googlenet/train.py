@@ -91,8 +91,11 @@ def create_train_state(rng: jax.Array, model: nn.Module, input_shape: tuple[int,
     traced = isinstance(rng, jax.core.Tracer) or isinstance(x, jax.core.Tracer)
     options = None if traced else INIT_COMPILER_OPTIONS.get(jax.default_backend())
     variables = _jitted_init(model, _items(options))(rng, x)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                             batch_stats=variables.get("batch_stats", {}))
+    params = variables["params"]
+    # The optimizer's state as one program: eagerly (TrainState.create), each parameter shape's momentum zeros
+    # compiled on its own, 69 compiles and ~3 s of every cold start of the MNIST model (measured).
+    return TrainState(step=0, apply_fn=model.apply, params=params, tx=tx, opt_state=jax.jit(tx.init)(params),
+                      batch_stats=variables.get("batch_stats", {}))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0,
