@@ -24,7 +24,7 @@ import numpy as np
 from experiments.cli import Parser, UsageError
 from jax_googlenet.data.folder import FORMATS, IMG_EXTENSIONS, MAX_PIXELS
 from jax_googlenet.data.transforms import MAX_RESIZED_PIXELS
-from jax_googlenet.imagenet import center_crop_offsets, resized_size
+from jax_googlenet.imagenet import resize_and_center_crop, resized_size
 
 # The folder source's files and formats, and GIF: a file a user names is read as Pillow reads it, where a
 # training folder keeps to torchvision's ImageFolder extensions.
@@ -59,14 +59,13 @@ def preprocess(image: np.ndarray, serving: dict[str, Any], *, uint8: bool) -> np
     """torchvision's eval transform as the model's serving metadata says: the shorter side resized to
     `resize_size` (bilinear, antialiased, rounded to uint8 as torchvision does), centre crop `image_size`; then
     uint8, or scaled to [0, 1] and normalised with `mean` and `std`."""
-    h, w = resized_size(*image.shape[:2], serving["resize_size"])
-    if h * w > MAX_RESIZED_PIXELS:  # resized whole here, in float32 on the host: the budget refuses the image
-        raise UnreadableImage(f"{image.shape[1]}x{image.shape[0]} resizes to {w}x{h}, over the budget of "
-                              f"{MAX_RESIZED_PIXELS:,} pixels")
-    crop = serving["image_size"]
-    x = jax.image.resize(jnp.asarray(image, jnp.float32), (h, w, image.shape[2]), method="linear", antialias=True)
-    top, left = center_crop_offsets(h, w, crop)
-    x = np.asarray(jnp.clip(jnp.round(x[top:top + crop, left:left + crop]), 0, 255))
+    height, width = image.shape[:2]
+    h, w = resized_size(height, width, serving["resize_size"])
+    if h * w > MAX_RESIZED_PIXELS:
+        raise UnreadableImage(f"{width}x{height} resizes to {w}x{h}, over the budget of {MAX_RESIZED_PIXELS:,} "
+                              "pixels")
+    x = resize_and_center_crop(jnp.asarray(image, jnp.float32), serving["resize_size"], serving["image_size"])
+    x = np.asarray(jnp.clip(jnp.round(x), 0, 255))
     if uint8:
         return x.astype(np.uint8)
     mean, std = np.asarray(serving["mean"], np.float32), np.asarray(serving["std"], np.float32)

@@ -406,6 +406,26 @@ def test_predict_on_a_1x20000_png_is_one_line_exit_2_within_8_gb(model_dir, tmp_
     assert outside_writes() == before
 
 
+@pytest.mark.slow
+def test_predict_on_a_1x20000_png_under_the_resize_budget_resizes_only_the_crop_within_8_gb(model_dir, tmp_path):
+    """For a 16-pixel model the 1x20000 PNG resizes to 16 x 320,000 pixels, under the budget: predict resizes the
+    centre crop's region alone (the whole resize's antialiasing weights alone were 320,000 x 20,000 float32,
+    25.6 GB: an out-of-memory traceback under the 8 GB limit) and prints its prediction."""
+    from PIL import Image
+
+    from jax_googlenet.checkpoint import load_model, save_model
+
+    image = tmp_path / "line.png"
+    Image.new("RGB", (1, 20_000)).save(image)
+    _, variables = load_model(model_dir)
+    weights = save_model(tmp_path / "model16", variables, {"variant": "torchvision", "num_classes": 2,
+                                                           "in_channels": 1, "aux_logits": False},
+                         {"class_names": ["cat", "dog"], "image_size": 16, "resize_size": 16})
+    result = run_command("experiments.predict", ["--weights", str(weights), str(image), "--top-k", "2"], tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "line.png" in result.stdout and "cat" in result.stdout, result.stdout
+
+
 def refused_idx_dir(root: Path, gz: bool, rng) -> Path:
     """The first seeded mutation of the small IDX files that load_idx refuses."""
     for case in range(100):
