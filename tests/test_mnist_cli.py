@@ -151,23 +151,6 @@ def test_a_signal_at_an_epochs_last_step_writes_its_results_then_exits(env, unin
     assert metrics(workdir) == metrics(reference_dir)
 
 
-# The job with a SIGTERM to itself as the first epoch's third batch is drawn: it finishes that step, saves it and
-# exits 143, before any evaluation (so no recalibration or eval step is compiled for its mesh).
-STOPPED_IN_THE_FIRST_EPOCH = """
-import os, signal, sys
-from experiments import mnist
-from jax_googlenet import data
-train_batches = data.train_batches
-def signal_in_the_first_epoch(source, *, epoch, **kwargs):
-    for i, batch in enumerate(train_batches(source, epoch=epoch, **kwargs)):
-        if epoch == 0 and i == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        yield batch
-data.train_batches = signal_in_the_first_epoch
-sys.exit(mnist.main(sys.argv[1:]))
-"""
-
-
 @pytest.mark.slow
 def test_checkpoint_written_on_two_devices_resumes_on_one(env, capsys):
     """Stopped within its first epoch on 2 simulated devices, the run continues on this process's one device."""
@@ -177,8 +160,8 @@ def test_checkpoint_written_on_two_devices_resumes_on_one(env, capsys):
     # halved the train step's compile, measured); only the checkpoint it leaves matters here.
     two = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
            "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
-    proc = subprocess.run([sys.executable, "-c", STOPPED_IN_THE_FIRST_EPOCH, *argv], cwd=ROOT, env=two,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", job_runs.mnist_signalling_itself("SIGTERM"), *argv], cwd=ROOT,
+                          env=two, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 128 + signal.SIGTERM and "mesh data=2" in proc.stdout, proc.stderr[-3000:]
     killed_at = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert 1 <= killed_at < 6 and f"stopped by signal 15 at step {killed_at}" in proc.stderr, proc.stderr[-3000:]
