@@ -86,9 +86,13 @@ def train_and_evaluate(job: Job, stop: StopFlag) -> float:
 
 
 def restore_or_start(job: Job, resume: bool) -> None:
-    """On `resume` the latest checkpoint's state, history and step; else a new run directory with config.json."""
+    """On `resume` the latest checkpoint's state, history and step (none yet: the run stopped or failed before its
+    first save, and starts at step 0 with its config.json); else a new run directory with config.json."""
     job.checkpoints = Checkpoints(job.workdir)
-    if resume:
+    if resume and job.checkpoints.latest_step() is None:
+        print(f"--resume: {job.workdir} holds no checkpoint yet: the run starts at step 0 with its config.json",
+              flush=True)
+    elif resume:
         job.state, meta, step = job.checkpoints.restore(job.state)
         job.history, job.epoch_so_far = meta["history"], meta.get("epoch_so_far")
         spe = job.steps_per_epoch

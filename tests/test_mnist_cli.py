@@ -363,7 +363,13 @@ def test_a_full_disk_while_saving_is_one_line_exit_1_and_the_next_start_continue
     assert [r["epoch"] for r in metrics(workdir)] == [1, 2, 3]
 
 
-def test_a_signal_before_the_first_step_exits_with_nothing_to_save(env, tmp_path, capsys, monkeypatch):
+def test_a_signal_before_the_first_step_exits_with_nothing_to_save_and_resume_starts_the_run(env, uninterrupted,
+                                                                                              tmp_path, capsys,
+                                                                                              monkeypatch):
+    """Stopped before its first checkpoint (a signal while setting up; likewise a first save that fails on a
+    full disk), the directory holds config.json and no checkpoint: --resume runs it from step 0 with that config,
+    and says so, ending where the uninterrupted run ended."""
+    reference_dir, _ = uninterrupted
     set_up = mnist.set_up
 
     def signalled_while_setting_up(*args):
@@ -377,6 +383,12 @@ def test_a_signal_before_the_first_step_exits_with_nothing_to_save(env, tmp_path
     assert stopped.value.code == 128 + signal.SIGTERM
     assert "stopped by signal 15 before the first step at 0: nothing to save" in capsys.readouterr().err
     assert not (tmp_path / "w" / "checkpoints").exists() or not any((tmp_path / "w" / "checkpoints").iterdir())
+    monkeypatch.undo()
+
+    rc, out, err = run_main(["--resume", "--workdir", str(tmp_path / "w")], capsys)
+    assert rc == 0, err
+    assert f"--resume: {tmp_path / 'w'} holds no checkpoint yet: the run starts at step 0 with its config.json" in out
+    assert metrics(tmp_path / "w") == metrics(reference_dir)
 
 
 def test_a_second_signal_exits_at_once(monkeypatch, capsys):
