@@ -241,6 +241,10 @@ def _remove_leftovers(workdir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _ignored(_: Any) -> None:
+    """A thread's exception, not reported (`threading.excepthook` once a run has ended on a failed write)."""
+
+
 @contextlib.contextmanager
 def _stderr_held(report: list[str]) -> Iterator[None]:
     """File descriptor 2 into a pipe while the block runs, written out after it, or appended to `report` if it
@@ -318,6 +322,11 @@ class Checkpoints:
             # the failure again.
             logging.getLogger("asyncio").disabled = True
             warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+            # Nor does a thread of the failed save still ending (orbax's, on its closed event loop: "Event loop is
+            # closed" tracebacks in 1 of ~13 runs with a full disk from the start), or a callback of its futures
+            # that concurrent.futures logs, print a traceback after the one line.
+            threading.excepthook = _ignored
+            logging.getLogger("concurrent.futures").disabled = True
             raise write_failed(f"saving checkpoint {step}", e, self.workdir, self.saved, "".join(held)) from None
         self.saved = step
 
