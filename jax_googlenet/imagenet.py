@@ -38,7 +38,9 @@ def center_crop_offsets(height: int, width: int, crop: int) -> tuple[int, int]:
 
 def _antialiased_weights(size: int, resized: int, start: int, count: int) -> jax.Array:
     """[size, count]: the weights of jax.image.resize's antialiased linear kernel (its `compute_weight_mat`, the
-    same float32 arithmetic) resizing `size` pixels to `resized`, for the outputs start .. start + count alone."""
+    same float32 arithmetic) resizing `size` pixels to `resized`, for the outputs start .. start + count alone.
+    Not jax.image.scale_and_translate with the crop as a translation: it computes the sample positions in another
+    order, and 415 of 612,096 uint8 values came out one level off the whole resize's (measured)."""
     inv_scale = 1.0 / (resized / size)
     sample = (jnp.arange(start, start + count, dtype=jnp.float32) + 0.5) * inv_scale - 0.5
     distance = jnp.abs(sample[None, :] - jnp.arange(size, dtype=jnp.float32)[:, None]) / max(inv_scale, 1.0)

@@ -30,23 +30,28 @@ def write_sample_idx(directory, train: int = 48, test: int = 20) -> str:
     return f"idx:{directory}"
 
 
-def mnist_signalling_itself(signal_name: str, process_id: int | None = None) -> str:
-    """Python source for `python -c`: the MNIST job sending itself `signal_name` (e.g. "SIGTERM") as its first
-    epoch's third batch is drawn (in process `process_id` alone when given, read from --process-id). The job
-    finishes that step, saves it and exits 128 + the signal, before any evaluation: nothing is compiled for
-    the recalibration or the eval step."""
+def mnist_signalling_itself(signal_name: str, *, at_batch: int | None = 2,
+                            process_id: int | None = None) -> str:
+    """Python source for `python -c`: the MNIST job sending itself `signal_name` (e.g. "SIGTERM") in its first
+    epoch, in process `process_id` alone when given (read from --process-id). At batch `at_batch` (drawn 0, 1,
+    ...): the job finishes that step, saves it and exits 128 + the signal before any evaluation, so nothing is
+    compiled for the recalibration or the eval step. `at_batch=None`: once the epoch's batches are drawn, so the
+    epoch is evaluated, written and saved (checkpoint and metrics.jsonl's first record) before the exit."""
     return f"""
 import os, signal, sys
 from experiments import mnist
 from jax_googlenet import data
 train_batches = data.train_batches
 argv = sys.argv[1:]
-signalled = {process_id!r} is None or int(argv[argv.index("--process-id") + 1]) == {process_id!r}
+PROCESS_ID, AT_BATCH = {process_id!r}, {at_batch!r}
+signalled = PROCESS_ID is None or int(argv[argv.index("--process-id") + 1]) == PROCESS_ID
 def signal_in_the_first_epoch(source, *, epoch, **kwargs):
     for i, batch in enumerate(train_batches(source, epoch=epoch, **kwargs)):
-        if signalled and epoch == 0 and i == 2:
+        if signalled and epoch == 0 and i == AT_BATCH:
             os.kill(os.getpid(), signal.{signal_name})
         yield batch
+    if signalled and epoch == 0 and AT_BATCH is None:
+        os.kill(os.getpid(), signal.{signal_name})
 data.train_batches = signal_in_the_first_epoch
 sys.exit(mnist.main(argv))
 """

@@ -74,21 +74,6 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_saved_step(env)
     assert not list(workdir.rglob("*orbax-checkpoint-tmp*"))  # the save completed
 
 
-# Runs the job until its first checkpoint, saved with the first epoch's results, then sends it SIGTERM: the run
-# stops there (status 143) with checkpoint 6 and metrics.jsonl's first record.
-STOPPED_AFTER_THE_FIRST_EPOCH = """
-import os, signal, sys
-from experiments import mnist
-from jax_googlenet import data
-train_batches = data.train_batches
-def signal_after_the_first_epoch(source, *, epoch, **kwargs):
-    yield from train_batches(source, epoch=epoch, **kwargs)
-    if epoch == 0:
-        os.kill(os.getpid(), signal.SIGTERM)
-data.train_batches = signal_after_the_first_epoch
-sys.exit(mnist.main(sys.argv[1:]))
-"""
-
 CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, PR_CAPBSET_DROP = 1, 2, 24
 
 
@@ -109,7 +94,8 @@ def test_permission_denied_while_saving_is_one_line_exit_1_and_leaves_the_last_c
     epoch, cannot save checkpoint 12 (a real EACCES: the job runs without root's permission override), says so
     in one line and exits 1; checkpoint 6 and metrics.jsonl are as they were."""
     workdir = env["root"] / "read_only"
-    first = subprocess.run([sys.executable, "-c", STOPPED_AFTER_THE_FIRST_EPOCH, "--data", env["data"],
+    stopped_after_the_first_epoch = job_runs.mnist_signalling_itself("SIGTERM", at_batch=None)
+    first = subprocess.run([sys.executable, "-c", stopped_after_the_first_epoch, "--data", env["data"],
                             "--workdir", str(workdir), *TINY, "--epochs", "3"], cwd=ROOT, env=env["environ"],
                            capture_output=True, text=True, timeout=600)
     assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
