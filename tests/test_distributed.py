@@ -20,10 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
 
 
-# LLVM's optimisation off in the workers' XLA:CPU backend: compiling the train step is most of each worker's
-# time, and this halves it (50 -> 24 CPU seconds for one step, measured); every run compared is compiled alike, and
-# the meshes' partitioning and collectives, which the tests are about, are decided before the backend.
-UNOPTIMISED = "--xla_backend_optimization_level=0"
+# LLVM's optimisation off in the workers' XLA:CPU backend, and its elemental loop emitters instead of the fusion
+# emitters: compiling the train step is most of each worker's time. LLVM's level 0 halved it (50 -> 24 CPU seconds
+# for one step); the elemental emitters take the 16-pixel step's level-0 compile from 6.0 to 3.6 s (it then runs
+# 91 against 58 ms, once here), measured. Every run compared is compiled alike, and the meshes' partitioning and
+# collectives, which the tests are about, are decided before the backend.
+UNOPTIMISED = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 
 def run_worker(out: Path, *args: str, devices: int = 1) -> subprocess.Popen:

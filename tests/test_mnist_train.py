@@ -102,6 +102,16 @@ def test_a_fresh_train_state_is_two_compiled_programs():
     assert all(not np.any(np.asarray(m)) for m in jax.tree.leaves(momentum))
 
 
+def test_the_init_compiles_with_the_options_this_jaxlib_accepts(monkeypatch):
+    """The init's CPU compile options (LLVM's level 0, the elemental emitters) are experimental XLA:CPU flags:
+    one that this jaxlib does not know is left out rather than failing every job's first compile."""
+    assert train.init_compiler_options("cpu") == train.INIT_COMPILER_OPTIONS["cpu"]
+    assert train.init_compiler_options("gpu") is None
+    monkeypatch.setitem(train.INIT_COMPILER_OPTIONS, "cpu", {"xla_backend_optimization_level": 0,
+                                                             "xla_cpu_no_such_option": True})
+    assert train.init_compiler_options("cpu") == {"xla_backend_optimization_level": 0}
+
+
 def test_the_train_state_can_be_built_abstractly_inside_a_trace():
     """`jax.eval_shape` over `create_train_state` (as a resume builds the abstract state to restore into) traces
     the init inside the outer trace, where its CPU compile options cannot apply: the shapes come back, no error."""

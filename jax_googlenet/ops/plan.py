@@ -300,6 +300,11 @@ def _choice(image_side: int, dtype, backend: str | None) -> tuple[dict[str, obje
                                                    f"{ELEMENTAL_EMITTERS_MIN_SIDE} pixels)")
 
 
+def accepts(options: dict[str, object]) -> bool:
+    """Whether this jaxlib compiles with XLA `options` (experimental XLA:CPU options come and go), tried once."""
+    return _xla_accepts(tuple(sorted(options.items())))
+
+
 @functools.cache
 def _xla_accepts(options: tuple[tuple[str, object], ...]) -> bool:
     """Whether this jaxlib compiles with `options` (experimental XLA:CPU options), tried once each."""
