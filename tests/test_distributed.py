@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import job_runs
 import numpy as np
 import pytest
 
@@ -25,7 +26,7 @@ WORKER = ROOT / "tests" / "distributed_worker.py"
 # for one step); the elemental emitters take the 16-pixel step's level-0 compile from 6.0 to 3.6 s (it then runs
 # 91 against 58 ms, once here), measured. Every run compared is compiled alike, and the meshes' partitioning and
 # collectives, which the tests are about, are decided before the backend.
-UNOPTIMISED = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+UNOPTIMISED = f"--xla_backend_optimization_level=0 {job_runs.ELEMENTAL_EMITTERS}"
 
 
 def run_worker(out: Path, *args: str, devices: int = 1) -> subprocess.Popen:

@@ -162,9 +162,9 @@ def test_checkpoint_written_on_two_devices_resumes_on_one(env, capsys):
     workdir = env["root"] / "two_devices"
     argv = ["--data", env["data"], "--workdir", str(workdir), "--devices", "2", *TINY]
     # Its 2-device steps are compiled for this run alone, so with most optimisations off (LLVM at level 0 alone
-    # halved the train step's compile, measured); only the checkpoint it leaves matters here.
-    two = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    # halved the train step's compile, measured) and the elemental emitters; only the checkpoint it leaves matters.
+    two = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {job_runs.ELEMENTAL_EMITTERS}",
+           "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
     proc = subprocess.run([sys.executable, "-c", job_runs.mnist_signalling_itself("SIGTERM"), *argv], cwd=ROOT,
                           env=two, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 128 + signal.SIGTERM and "mesh data=2" in proc.stdout, proc.stderr[-3000:]

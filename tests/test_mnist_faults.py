@@ -24,13 +24,14 @@ TINY = ["--variant", "torchvision", "--image-size", "16", "--batch-size", "8", "
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Real digits from the shipped sample as IDX files, and an environment whose compilation cache is this
-    module's own. Its jobs compile with most optimisations off (`JAX_DISABLE_MOST_OPTIMIZATIONS`): compiling is
-    most of a tiny run's time, and no result here is compared with a run compiled otherwise."""
+    module's own. Its jobs compile with most optimisations off (`JAX_DISABLE_MOST_OPTIMIZATIONS`) and XLA:CPU's
+    elemental emitters (`job_runs.ELEMENTAL_EMITTERS`): compiling is most of a tiny run's time, and no result here
+    is compared with a run compiled otherwise."""
     root = tmp_path_factory.mktemp("mnist_faults")
     spec = job_runs.write_sample_idx(root / "idx")
     environ = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_GOOGLENET_CACHE_DIR": str(root / "xla"),
                "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
-    environ.pop("XLA_FLAGS", None)
+    environ["XLA_FLAGS"] = job_runs.ELEMENTAL_EMITTERS
     return {"root": root, "data": spec, "environ": environ}
 
 
