@@ -484,6 +484,8 @@ def test_a_sample_of_mutated_inputs_through_the_commands_succeeds_or_is_one_line
             failures.append(f"python -m {module} {' '.join(argv)}: exit {result.returncode}\n{result.stderr[-2000:]}")
     assert outside_writes() == before
     assert not failures, "\n\n".join(failures)
+
+
 @pytest.mark.slow
 def test_a_decompression_bomb_given_to_predict_is_one_line_exit_2(model_dir, tmp_path):
     """A 12000x12000 PNG of zeros (144 M pixels, 0.2 MB on disk) named on the command line."""
@@ -508,6 +510,7 @@ def test_predict_on_a_model_directory_with_a_damaged_data_file_is_one_line_exit_
         result = run_command("experiments.predict", ["--weights", str(weights), str(images), "--top-k", "2"],
                              tmp_path)
         assert_one_line_exit_2(result, "does not load")
+
 
 def test_a_model_directory_whose_config_has_an_unknown_key_is_one_line_exit_2_in_evaluate(model_dir, tmp_path,
                                                                                             capsys):
