@@ -11,6 +11,7 @@ import contextlib
 import errno
 import fcntl
 import gc
+import io
 import json
 import logging
 import math
@@ -245,6 +246,36 @@ def _ignored(_: Any) -> None:
     """A thread's exception, not reported (`threading.excepthook` once a run has ended on a failed write)."""
 
 
+class _MainThreadOnly(io.TextIOBase):
+    """`stream` for what the main thread writes; what any other thread writes is dropped (sys.stderr once a run
+    has ended on a failed write: a callback of the failed save, run on a thread of its own, reports its exception
+    straight to sys.stderr, as Python does for an exception no caller can catch)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if threading.current_thread() is threading.main_thread():
+            return self.stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    @property
+    def encoding(self):
+        return getattr(self.stream, "encoding", "utf-8")
+
+
 @contextlib.contextmanager
 def _stderr_held(report: list[str]) -> Iterator[None]:
     """File descriptor 2 into a pipe while the block runs, written out after it, or appended to `report` if it
@@ -327,6 +358,9 @@ class Checkpoints:
             # that concurrent.futures logs, print a traceback after the one line.
             threading.excepthook = _ignored
             logging.getLogger("concurrent.futures").disabled = True
+            # Nor one reported straight to sys.stderr from a thread of its own (tracebacks of asyncio's
+            # call_soon_threadsafe on the closed loop, interleaved with the one line, in one CI run).
+            sys.stderr = _MainThreadOnly(sys.stderr)
             raise write_failed(f"saving checkpoint {step}", e, self.workdir, self.saved, "".join(held)) from None
         self.saved = step
 
