@@ -82,7 +82,7 @@ def param_groups(params: Any, *, freeze_backbone: bool = False) -> Any:
 # forward pass is dead code). For the 16-pixel MNIST model 3.9 s against 6.4 s at LLVM's level 0 alone and 12.7 s
 # optimised, the parameters bit-identical to level 0 alone's and equal to the optimised init's within float
 # rounding (7e-9); benchmarks/NOTES.md, "The default MNIST run". Options this jaxlib lacks are left out.
-INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}}
+INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0, **plan.ELEMENTAL_EMITTERS}}
 
 
 def init_compiler_options(backend: str | None = None) -> dict[str, object] | None:

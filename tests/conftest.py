@@ -17,6 +17,7 @@ from jax._src import compiler as jax_compiler  # noqa: E402
 from convert import torchvision_to_flax  # noqa: E402
 from convert.torchvision import randomise_batch_norm  # noqa: E402
 from jax_googlenet import compilation_cache  # noqa: E402
+from jax_googlenet.ops import plan  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.backends.cudnn.allow_tf32 = False
@@ -77,11 +78,11 @@ def pytest_collection_modifyitems(items):
 
 
 def _with_elemental_emitters(get_compile_options):
-    """JAX's `get_compile_options` adding XLA:CPU's elemental emitters to every compile that sets no choice of its
-    own (`job_runs.ELEMENTAL_EMITTERS`, as an option)."""
+    """JAX's `get_compile_options` adding XLA:CPU's elemental emitters (`ops.plan.ELEMENTAL_EMITTERS`) to every
+    compile that sets no choice of its own."""
 
     def get(*args, env_options_overrides=None, **kwargs):
-        overrides = {"xla_cpu_use_fusion_emitters": False, **(env_options_overrides or {})}
+        overrides = {**plan.ELEMENTAL_EMITTERS, **(env_options_overrides or {})}
         return get_compile_options(*args, env_options_overrides=overrides, **kwargs)
 
     return get

@@ -6,14 +6,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jax_googlenet import data
+from jax_googlenet.ops import plan
 
 
 # For job runs whose programs are compiled for that run alone, where compiling is nearly all of the time: XLA:CPU's
-# elemental loop emitters instead of its fusion emitters, with most optimisations off
-# (`JAX_DISABLE_MOST_OPTIMIZATIONS`): the 16-pixel train step's compile 6.0 -> 3.6 s (it then runs 91 against 58 ms
-# a step); the two-process and permission-denied MNIST runs and the 2-device one 178 -> 132 CPU seconds together,
-# measured.
-ELEMENTAL_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+# elemental loop emitters (`ops.plan.ELEMENTAL_EMITTERS`, as XLA_FLAGS) instead of its fusion emitters, with most
+# optimisations off (`JAX_DISABLE_MOST_OPTIMIZATIONS`): the 16-pixel train step's compile 6.0 -> 3.6 s (it then
+# runs 91 against 58 ms a step); the two-process and permission-denied MNIST runs and the 2-device one 178 -> 132
+# CPU seconds together, measured.
+ELEMENTAL_EMITTERS = " ".join(f"--{k}={str(v).lower()}" for k, v in plan.ELEMENTAL_EMITTERS.items())
 
 
 def run_main(main, argv, capsys):
