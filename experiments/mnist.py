@@ -240,7 +240,8 @@ def make_steps(cfg: dict, model, dropout_rng, shift_rng, mesh, *, images: int, r
                                     images=images, batches=recalibration_batches, preprocess=preprocess,
                                     options=options, mesh=mesh, lead=lead)
     return (lambda state, batch: jitted(state, batch, dropout_rng, shift_rng),
-            inference.jit_folded_eval_step(model, options, mesh=mesh, preprocess=preprocess), evaluated)
+            inference.jit_folded_eval_step(model, compiler_options(cfg["image_size"], cfg["dtype"], step="inference"),
+                                           mesh=mesh, preprocess=preprocess), evaluated)
 
 
 def train_step(state, batch, dropout_rng, shift_rng, *, loss_mode: str, preprocess, max_shift: int):

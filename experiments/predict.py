@@ -137,7 +137,8 @@ def folded_step(model, variables: dict[str, Any], image_size: int) -> tuple[Call
     model, folded_vars = fold(model, jax.device_get({k: variables[k] for k in ("params", "batch_stats")
                                                      if k in variables}),
                               (image_size, image_size, model.in_channels))
-    apply = jax.jit(functools.partial(fold_ops.apply, model), compiler_options=compiler_options(image_size))
+    apply = jax.jit(functools.partial(fold_ops.apply, model),
+                    compiler_options=compiler_options(image_size, step="inference"))
     return apply, folded_vars
 
 

@@ -213,6 +213,8 @@ def run(args) -> dict[str, Any]:
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} |
                           {"dtypes": dtypes, "threads": threads, "host_memory": memory_line,
                            "xla_compiler_options": {d: ops.compiler_options(args.image_size, d) for d in dtypes},
+                           "xla_inference_compiler_options": {
+                               d: ops.compiler_options(args.image_size, d, step="inference") for d in dtypes},
                            "xla_kernels": {d: ops.xla_kernels(args.image_size, d) for d in dtypes}},
               "peak": {d: {"tflops": p / 1e12, "how": how} for d, (p, how) in peaks.items()},
               "flops_check": [], "cells": [], "complete": False}

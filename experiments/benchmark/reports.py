@@ -40,7 +40,8 @@ def markdown(result: dict) -> str:
              f"{m.get('torchvision', '-')}; XLA_FLAGS={m['XLA_FLAGS'] or '(none)'}", "",
              f"{result['settings'].get('host_memory', 'host memory: not recorded')}, for both frameworks", "",
              *(f"JAX {d}: {kernels}; XLA compiler options "
-               f"{result['settings'].get('xla_compiler_options', {}).get(d) or '(none)'}"
+               f"{result['settings'].get('xla_compiler_options', {}).get(d) or '(none)'}, for inference "
+               f"{result['settings'].get('xla_inference_compiler_options', {}).get(d) or '(none)'}"
                for d, kernels in result["settings"].get("xla_kernels", {}).items()), ""]
     for dtype, p in result["peak"].items():
         lines.append(f"Peak {dtype}: {p['tflops'] * 1e3:.0f} GFLOP/s = {p['how']}")

@@ -136,7 +136,8 @@ class JaxRunner:
             self.variables = jax.device_put(self.variables)
             self.inference = "folded BatchNorm"
             self.images = images
-            jitted = jax.jit(functools.partial(folded_apply, model), compiler_options=compiler_options(side, dtype))
+            jitted = jax.jit(functools.partial(folded_apply, model),
+                             compiler_options=compiler_options(side, dtype, step="inference"))
             call_args = (self.variables, images)
         info = jax_compile(jitted, call_args, not args.no_compile_cache, not args.skip_cold_compile, events)
         self.compiled = info.pop("compiled")

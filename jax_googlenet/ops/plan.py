@@ -261,19 +261,28 @@ def max_pool(x_shape, window: int, stride: int, pool_mode: str, pad: int, impl: 
 # backward".
 XLA_KERNELS_MIN_SIDE = 64
 XLA_KERNELS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
-# From 224-pixel images, XLA:CPU's elemental loop emitters instead of its fusion emitters: the 16/224 train step
-# compiles in 11.2-11.7 s against 13.1-13.6 at the same speed; at 96 pixels they run the train step 1-2% slower,
-# at 32 pixels 10% (benchmarks/NOTES.md, "The inception block's 1x1 products merged, XLA's elemental emitters").
+# From 224-pixel images, the train step compiles with XLA:CPU's elemental loop emitters instead of its fusion
+# emitters: the 16/224 train step compiles in 11.2-11.7 s against 13.1-13.6 at the same speed; at 96 pixels they
+# run the train step 1-2% slower, at 32 pixels 10% (benchmarks/NOTES.md, "The inception block's 1x1 products
+# merged, XLA's elemental emitters"). Not the folded inference step: at 16/224 the fusion emitters run it 4-18%
+# faster (the median of alternated windows in four series), compile it in 3.5-4.1 s against 4.9-5.0, and give the
+# same logits to the bit (NOTES.md, "Folded inference on the fusion emitters").
 ELEMENTAL_EMITTERS_MIN_SIDE = 224
 ELEMENTAL_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
+STEPS = ("train", "inference")
 
 
-def compiler_options(image_side: int, dtype="float32", backend: str | None = None) -> dict[str, object]:
+def compiler_options(image_side: int, dtype="float32", backend: str | None = None, *,
+                     step: str = "train") -> dict[str, object]:
     """`jax.jit`'s compiler_options for the network's steps on images `image_side` pixels wide computed in
-    `dtype` on `backend` (default: JAX's): on the CPU in float32, XLA_KERNELS from XLA_KERNELS_MIN_SIDE and
-    ELEMENTAL_EMITTERS as well from ELEMENTAL_EMITTERS_MIN_SIDE, else none (and none that this jaxlib lacks).
-    `xla_kernels` says which in words."""
-    return _choice(image_side, dtype, backend)[0]
+    `dtype` on `backend` (default: JAX's): on the CPU in float32, XLA_KERNELS from XLA_KERNELS_MIN_SIDE and, for
+    the train `step` (and the recalibration's forward), ELEMENTAL_EMITTERS as well from
+    ELEMENTAL_EMITTERS_MIN_SIDE; for `step="inference"` (the folded eval step) never the elemental emitters; else
+    none (and none that this jaxlib lacks). `xla_kernels` says which in words."""
+    if step not in STEPS:
+        raise ValueError(f"step must be 'train' or 'inference', not {step!r}")
+    options = _choice(image_side, dtype, backend)[0]
+    return options if step == "train" else {k: v for k, v in options.items() if k not in ELEMENTAL_EMITTERS}
 
 
 def xla_kernels(image_side: int, dtype="float32", backend: str | None = None) -> str:
@@ -296,8 +305,8 @@ def _choice(image_side: int, dtype, backend: str | None) -> tuple[dict[str, obje
         return dict(XLA_KERNELS), words
     if not _xla_accepts(tuple(ELEMENTAL_EMITTERS.items())):
         return dict(XLA_KERNELS), words + "; this jaxlib has no option for XLA:CPU's elemental loop emitters"
-    return {**XLA_KERNELS, **ELEMENTAL_EMITTERS}, (words + f"; XLA:CPU's elemental loop emitters (images from "
-                                                   f"{ELEMENTAL_EMITTERS_MIN_SIDE} pixels)")
+    return {**XLA_KERNELS, **ELEMENTAL_EMITTERS}, (words + f"; XLA:CPU's elemental loop emitters for training "
+                                                   f"(images from {ELEMENTAL_EMITTERS_MIN_SIDE} pixels)")
 
 
 def accepts(options: dict[str, object]) -> bool:
