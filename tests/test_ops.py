@@ -229,13 +229,12 @@ def test_compiler_options_choose_xlas_own_dots_and_convolutions_from_64_pixels_i
             np.testing.assert_allclose(f(x, w), ref, rtol=1e-4, atol=1e-4)
 
 
-
 def test_folded_inference_compiles_without_the_elemental_emitters(monkeypatch):
     """The folded eval step keeps XLA:CPU's fusion emitters at every size (`step="inference"`): at 16/224 they run
     it 4-18% faster than the elemental emitters the train step takes there, the same logits to the bit. The jobs
     and predict compile their folded steps so; the train steps keep the elemental emitters."""
     from experiments import finetune, inference, mnist, predict
-    from jax_googlenet import train
+    from jax_googlenet import fold, train
 
     assert ops.compiler_options(224, step="inference") == ops.XLA_KERNELS
     assert ops.compiler_options(96, step="inference") == ops.compiler_options(96)
@@ -253,14 +252,13 @@ def test_folded_inference_compiles_without_the_elemental_emitters(monkeypatch):
     mnist.make_steps(cfg, None, None, None, None, images=0, recalibration_batches=None, lead=True)
     inference_options = ops.compiler_options(224, step="inference")
     assert compiled == [("train", ops.compiler_options(224)), ("folded", inference_options)] * 2
-    from jax_googlenet import fold
-
     captured = {}
     monkeypatch.setattr(fold, "fold", lambda model, variables, image_shape: (model, variables))
     monkeypatch.setattr(jax, "jit", lambda fun, compiler_options=None: captured.setdefault("options",
                                                                                           compiler_options))
     predict.folded_step(googlenet("torchvision", num_classes=2), {"params": {}}, 224)
     assert captured["options"] == inference_options
+
 
 # ----------------------------------------------------------------------------------------------- the plan
 
