@@ -8,6 +8,7 @@ completeness axiom of integrated gradients (Sundararajan et al. 2017) for the at
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 
 import jax
@@ -24,6 +25,8 @@ from experiments import visualize as cli
 from jax_googlenet import checkpoint, data, train
 from jax_googlenet.model import googlenet
 from jax_googlenet.visualize import attribution, objectives as obj, param, render, transforms as T
+
+render_module = importlib.import_module("jax_googlenet.visualize.render")  # `render` names its function
 
 SIDE = 32  # the MNIST job's default image size for the torchvision variant
 TRAIN_STEPS, TRAIN_BATCH = 150, 32  # 93.8% and 95.7% on the held-out digits (seeds 0, 1; 97% at 300 steps)
@@ -208,7 +211,11 @@ def test_logit_renders_are_their_digits_for_the_model_and_for_another_seed(mnist
     10 at p >= 0.9) and for a model trained with another seed (>= 8 of 10 at p >= 0.5), so they are not
     adversarial noise of one network."""
     model, (v0, v1) = mnist_models
+    compiled = render_module._step._cache_size()
     result = _render_logits(model, v0)
+    # one compiled step for the whole render: its first call's image and optimiser state placed as every later
+    # call's (each render compiled it twice, 12 s more at this size, before they were)
+    assert render_module._step._cache_size() == compiled + 1
     assert result.images.shape == (10, SIDE, SIDE, 1)
     assert np.all(result.final > result.trace[0])
     p = [np.asarray(_probabilities(model)(v, jnp.asarray(result.images)))[np.arange(10), np.arange(10)]
