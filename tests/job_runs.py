@@ -48,7 +48,7 @@ def mnist_signalling_itself(signal_name: str, *, at_batch: int | None = 2,
     epoch is evaluated, written and saved (checkpoint and metrics.jsonl's first record) before the exit."""
     return f"""
 import os, signal, sys
-from experiments import mnist
+from experiments import cli, mnist
 from jax_googlenet import data
 train_batches = data.train_batches
 argv = sys.argv[1:]
@@ -62,7 +62,7 @@ def signal_in_the_first_epoch(source, *, epoch, **kwargs):
     if signalled and epoch == 0 and AT_BATCH is None:
         os.kill(os.getpid(), signal.{signal_name})
 data.train_batches = signal_in_the_first_epoch
-sys.exit(mnist.main(argv))
+cli.exit_process(mnist.main(argv))  # as `python -m experiments.mnist` ends
 """
 
 

@@ -338,14 +338,14 @@ def test_init_given_a_text_file_is_one_line_before_any_data_is_read(env, tmp_pat
 # (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the writes fail with EFBIG) once a complete checkpoint exists.
 DISK_FULL_AFTER_FIRST_CHECKPOINT = """
 import resource, sys
-from experiments import mnist, rundir
+from experiments import cli, mnist, rundir
 save = rundir.Checkpoints.save
 def save_on_a_full_disk(self, *args, **kwargs):
     if self.latest_step() is not None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
     return save(self, *args, **kwargs)
 rundir.Checkpoints.save = save_on_a_full_disk
-sys.exit(mnist.main(sys.argv[1:]))
+cli.exit_process(mnist.main(sys.argv[1:]))  # as `python -m experiments.mnist` ends
 """
 
 
