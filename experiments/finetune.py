@@ -308,9 +308,10 @@ def make_steps(cfg: dict, model, dropout_rng, mesh):
     options = compiler_options(cfg["image_size"], cfg["dtype"])
     jitted = train.jit_train_step(options, step=step, mesh=mesh, preprocess=imagenet.normalize,
                                   label_smoothing=cfg["label_smoothing"], **kwargs)
+    inference_options = compiler_options(cfg["image_size"], cfg["dtype"], step="inference")
     return (lambda state, batch: jitted(state, batch, dropout_rng),
-            inference.jit_folded_eval_step(model, compiler_options(cfg["image_size"], cfg["dtype"], step="inference"),
-                                           mesh=mesh, preprocess=imagenet.normalize, num_classes=len(cfg["classes"])))
+            inference.jit_folded_eval_step(model, inference_options, mesh=mesh, preprocess=imagenet.normalize,
+                                           num_classes=len(cfg["classes"])))
 
 
 def make_batches(cfg: dict, dataset, steps_per_epoch: int, num_workers: int, *,
@@ -432,9 +433,8 @@ def evaluate_only(args) -> dict:
     state = train.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=train.make_optimizer(0.0),
                                     batch_stats=variables.get("batch_stats", {}))
     options = compiler_options(cfg["image_size"], cfg["dtype"])
-    eval_step = inference.jit_folded_eval_step(model, compiler_options(cfg["image_size"], cfg["dtype"],
-                                                                       step="inference"),
-                                               mesh=mesh, preprocess=imagenet.normalize,
+    inference_options = compiler_options(cfg["image_size"], cfg["dtype"], step="inference")
+    eval_step = inference.jit_folded_eval_step(model, inference_options, mesh=mesh, preprocess=imagenet.normalize,
                                                num_classes=model.num_classes)
     num_workers = workers(args)
     train_batches, eval_batches = make_batches(cfg, dataset, 0, num_workers,

@@ -239,9 +239,9 @@ def make_steps(cfg: dict, model, dropout_rng, shift_rng, mesh, *, images: int, r
     evaluated = inference.Inference(model, image_shape=(cfg["image_size"], cfg["image_size"], cfg["in_channels"]),
                                     images=images, batches=recalibration_batches, preprocess=preprocess,
                                     options=options, mesh=mesh, lead=lead)
+    inference_options = compiler_options(cfg["image_size"], cfg["dtype"], step="inference")
     return (lambda state, batch: jitted(state, batch, dropout_rng, shift_rng),
-            inference.jit_folded_eval_step(model, compiler_options(cfg["image_size"], cfg["dtype"], step="inference"),
-                                           mesh=mesh, preprocess=preprocess), evaluated)
+            inference.jit_folded_eval_step(model, inference_options, mesh=mesh, preprocess=preprocess), evaluated)
 
 
 def train_step(state, batch, dropout_rng, shift_rng, *, loss_mode: str, preprocess, max_shift: int):
