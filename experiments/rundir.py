@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from experiments.cli import TrainingError, UsageError
-from jax_googlenet import compilation_cache
+from jax_googlenet import checkpoint, compilation_cache
 
 MAX_TO_KEEP = 3  # checkpoints kept
 LOCK = "run.lock"  # holds the pid of the run that has the directory, locked (flock) for that run's life
@@ -243,6 +243,22 @@ def _remove_leftovers(workdir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _quiet_after_a_failed_save() -> None:
+    """The run ends on a failed save: from here on nothing of that save prints after the one line that says what
+    failed. Its asyncio tasks and coroutines, freed at exit, would each report the failure again; a thread of it
+    still ending (orbax's, on its closed event loop: "Event loop is closed" tracebacks in 1 of ~13 runs with a
+    full disk from the start), or a callback of its futures that concurrent.futures logs, would print a
+    traceback; and one reported straight to sys.stderr from a thread of its own (tracebacks of asyncio's
+    call_soon_threadsafe on the closed loop, interleaved with the one line in one CI run, and ahead of it in a
+    local run when this came after the held output was written out) is dropped: only the main thread writes."""
+    logging.getLogger("asyncio").disabled = True
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    threading.excepthook = _ignored
+    logging.getLogger("concurrent.futures").disabled = True
+    if not isinstance(sys.stderr, _MainThreadOnly):
+        sys.stderr = _MainThreadOnly(sys.stderr)
+
+
 def _ignored(_: Any) -> None:
     """A thread's exception, not reported (`threading.excepthook` once a run has ended on a failed write)."""
 
@@ -344,27 +360,17 @@ class Checkpoints:
             # save of the MNIST model's state 1.14 -> 1.03 s and 1.14 -> 0.93 s, alternated; NOTES.md).
             with _stderr_held(held), compilation_cache.gc_paused():
                 try:
-                    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                                    meta=ocp.args.JsonSave(meta)), force=True)
+                    saved = ocp.args.StandardSave(checkpoint.host_copy(state))
+                    self.manager.save(step, args=ocp.args.Composite(state=saved, meta=ocp.args.JsonSave(meta)),
+                                      force=True)
                     self.manager.wait_until_finished()
                 except Exception:
+                    _quiet_after_a_failed_save()  # before the held output ends: the save's threads still report
                     with contextlib.suppress(Exception):
                         self.manager.close()
                     gc.collect()  # orbax's failed futures report themselves when freed: now, into the held output
                     raise
         except Exception as e:  # orbax and tensorstore raise OSError, ValueError or their own on a failed write
-            # The run ends here; the failed save's asyncio tasks and coroutines, freed at exit, would each report
-            # the failure again.
-            logging.getLogger("asyncio").disabled = True
-            warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
-            # Nor does a thread of the failed save still ending (orbax's, on its closed event loop: "Event loop is
-            # closed" tracebacks in 1 of ~13 runs with a full disk from the start), or a callback of its futures
-            # that concurrent.futures logs, print a traceback after the one line.
-            threading.excepthook = _ignored
-            logging.getLogger("concurrent.futures").disabled = True
-            # Nor one reported straight to sys.stderr from a thread of its own (tracebacks of asyncio's
-            # call_soon_threadsafe on the closed loop, interleaved with the one line, in one CI run).
-            sys.stderr = _MainThreadOnly(sys.stderr)
             raise write_failed(f"saving checkpoint {step}", e, self.workdir, self.saved, "".join(held)) from None
         self.saved = step
 
