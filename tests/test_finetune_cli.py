@@ -29,9 +29,9 @@ from jax_googlenet.data import folder, transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# 32 px crops (37 px resize), batch 12: 60 training images give 5 steps an epoch. Every training run here uses
+# 16 px crops (18 px resize), batch 12: 60 training images give 5 steps an epoch. Every training run here uses
 # these flags, so its train and eval steps are one compile (lr, epochs and batch are constants of the step).
-TINY = ["--image-size", "32", "--batch-size", "12", "--epochs", "8", "--lr", "0.01", "--warmup-epochs", "0.5",
+TINY = ["--image-size", "16", "--batch-size", "12", "--epochs", "8", "--lr", "0.01", "--warmup-epochs", "0.5",
         "--workers", "0"]
 LEVELS = {"dark": 45, "mid": 128, "bright": 210}  # classes a network tells apart after any crop: brightness
 
@@ -103,8 +103,8 @@ def test_a_generated_image_folder_is_learned_to_over_90_percent(learned):
     workdir, out, _ = learned
     last = out.strip().splitlines()[-1]
     assert last.startswith("test_accuracy=") and float(last.split("=")[1]) >= 0.9, out
-    assert "from scratch" in out and "RandomResizedCrop(32, scale=(0.08, 1)) + horizontal flip p=0.5" in out
-    assert "Resize(37) + CenterCrop(32)" in out
+    assert "from scratch" in out and "RandomResizedCrop(16, scale=(0.08, 1)) + horizontal flip p=0.5" in out
+    assert "Resize(18) + CenterCrop(16)" in out
 
 
 @pytest.mark.slow
@@ -134,7 +134,7 @@ def test_a_short_run_from_scratch_is_evaluated_right_with_recalibrated_batch_nor
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(state_off), strict=True):  # running statistics kept
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     rc, evaluated, _ = run_main(["--evaluate", str(workdir / "model"), "--data", f"folder:{root}", "--image-size",
-                                 "32", "--batch-size", "12", "--workers", "0"], capsys)
+                                 "16", "--batch-size", "12", "--workers", "0"], capsys)
     assert rc == 0 and evaluated.strip().splitlines()[-1].startswith(f"top1={records[-1]['test_accuracy']:.4f}")
 
 
@@ -159,7 +159,7 @@ def test_the_run_writes_metrics_curves_per_class_accuracy_confusion_checkpoints_
     from jax_googlenet.checkpoint import load_serving
 
     serving = load_serving(workdir / "model")  # the run's crops and class names, not ImageNet's defaults
-    assert (serving["image_size"], serving["resize_size"]) == (32, 37)
+    assert (serving["image_size"], serving["resize_size"]) == (16, 18)
     assert serving["class_names"] == ["bright", "dark", "mid"]
 
 
@@ -259,7 +259,7 @@ def test_linear_probe_from_a_pth_of_another_class_count_trains_fc_alone(env, pth
 def test_evaluate_only_prints_what_the_run_measured(env, learned, capsys):
     workdir, _, _ = learned
     record = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
-    rc, out, _ = run_main(["--evaluate", str(workdir / "model"), "--data", env["data"], "--image-size", "32",
+    rc, out, _ = run_main(["--evaluate", str(workdir / "model"), "--data", env["data"], "--image-size", "16",
                            "--batch-size", "12", "--workers", "0"], capsys)
     assert rc == 0 and "evaluating on" in out
     assert out.strip().splitlines()[-1] == (f"top1={record['test_accuracy']:.4f} "
@@ -349,7 +349,7 @@ def bad(tmp_path_factory, env, pth_file):
     (["--data", "folder:{empty}"], "holds no class folders; expected torchvision's ImageFolder layout"),
     (["--data", "folder:{one}"], "has 1 class (only); a classifier needs at least 2"),
     (["--data", "{data}", "--image-size", "8"], "--image-size 8: torchvision's GoogLeNet accepts 15 and up"),
-    (["--data", "{data}", "--resize-size", "20"], "--resize-size 20 is smaller than --image-size 32"),
+    (["--data", "{data}", "--resize-size", "12"], "--resize-size 12 is smaller than --image-size 16"),
     (["--data", "{data}", "--batch-size", "96"], "--batch-size 96 is larger than the 61 training images"),
     (["--data", "{data}", "--label-smoothing", "1.5"], "--label-smoothing 1.5: choose a value in [0, 1)"),
     (["--data", "{data}", "--init", "/nonexistent.pth"], "--init /nonexistent.pth: no such file or directory"),
