@@ -65,10 +65,11 @@ def host_copy(tree: Any) -> Any:
     state) as a NumPy copy of one replica, for orbax to save as such (process 0 writes it): orbax's path for a
     device array (its replica slices, their transfer, the sharding metadata, per array) was ~0.25 of ~0.95 s per
     save of the MNIST model's train state (493 arrays), measured. Arrays split over devices stay as they are.
-    Restoring reads either kind into the shardings it is asked for."""
+    Restoring reads either kind into the shardings it is asked for. A PRNG key has no NumPy form and stays."""
 
     def host(x):
-        if isinstance(x, jax.Array) and x.sharding.is_fully_replicated:
+        if (isinstance(x, jax.Array) and x.sharding.is_fully_replicated
+                and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key)):
             return np.array(x.addressable_data(0))
         return x
 
