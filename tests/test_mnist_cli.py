@@ -370,6 +370,22 @@ def test_a_full_disk_while_saving_is_one_line_exit_1_and_the_next_start_continue
     assert [r["epoch"] for r in metrics(workdir)] == [1, 2, 3]
 
 
+def test_an_atomic_write_syncs_its_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    """`rundir.write_atomic` (config.json, metrics.jsonl, the plots): the temporary file reaches the disk before it
+    is renamed over the target, and the directory after, so a crash loses neither the data nor the rename."""
+    synced, fsync = [], os.fsync
+
+    def recorded(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    target = tmp_path / "metrics.jsonl"
+    rundir.write_atomic(target, b"{}\n")
+    assert synced == [str(tmp_path / ".metrics.jsonl.tmp"), str(tmp_path)]
+    assert target.read_bytes() == b"{}\n" and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
 def test_a_signal_before_the_first_step_exits_with_nothing_to_save_and_resume_starts_the_run(env, uninterrupted,
                                                                                               tmp_path, capsys,
                                                                                               monkeypatch):
