@@ -159,6 +159,34 @@ def test_a_signal_at_an_epochs_last_step_writes_its_results_then_exits(env, unin
 
 
 @pytest.mark.slow
+def test_a_data_failure_after_the_stop_signal_still_saves(env, uninterrupted, capsys, monkeypatch):
+    """Data workers that got the signal too end the batches with an error (grain's "Worker process was
+    terminated"): after a stop signal that is the data stopping with the run, so the job saves the step it reached
+    and exits 143, and the resumed run writes the uninterrupted run's history."""
+    reference_dir, _ = uninterrupted
+    workdir = env["root"] / "data_stopped"
+    train_batches = data.train_batches
+
+    def workers_terminated_with_the_job(source, *, epoch, **kwargs):
+        for i, batch in enumerate(train_batches(source, epoch=epoch, **kwargs)):
+            if epoch == 0 and i == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise RuntimeError("Worker process was terminated")
+            yield batch
+
+    monkeypatch.setattr(data, "train_batches", workers_terminated_with_the_job)
+    with pytest.raises(SystemExit, match="^143$"):
+        mnist.main(["--data", env["data"], "--workdir", str(workdir), *TINY])
+    _, err = capsys.readouterr()
+    assert "stopped by signal 15 at step 2: saved checkpoint 2" in err and "Traceback" not in err, err
+    monkeypatch.undo()
+
+    rc, out, _ = run_main(["--resume", "--workdir", str(workdir)], capsys)
+    assert rc == 0 and "resumed from step 2 (epoch 1, step 2 of 6)" in out
+    assert metrics(workdir) == metrics(reference_dir)
+
+
+@pytest.mark.slow
 def test_checkpoint_written_on_two_devices_resumes_on_one(env, capsys):
     """Stopped within its first epoch on 2 simulated devices, the run continues on this process's one device."""
     workdir = env["root"] / "two_devices"
