@@ -244,13 +244,11 @@ def _remove_leftovers(workdir: Path) -> None:
 
 
 def _quiet_after_a_failed_save() -> None:
-    """The run ends on a failed save: from here on nothing of that save prints after the one line that says what
-    failed. Its asyncio tasks and coroutines, freed at exit, would each report the failure again; a thread of it
-    still ending (orbax's, on its closed event loop: "Event loop is closed" tracebacks in 1 of ~13 runs with a
-    full disk from the start), or a callback of its futures that concurrent.futures logs, would print a
-    traceback; and one reported straight to sys.stderr from a thread of its own (tracebacks of asyncio's
-    call_soon_threadsafe on the closed loop, interleaved with the one line in one CI run, and ahead of it in a
-    local run when this came after the held output was written out) is dropped: only the main thread writes."""
+    """The run ends on a failed save: nothing of that save prints after, or ahead of, the one line that says what
+    failed. Its asyncio tasks and coroutines, freed at exit, would each report the failure again; its threads still
+    ending on orbax's closed event loop, and callbacks of its futures that concurrent.futures logs, would print
+    tracebacks; what another thread writes straight to sys.stderr is dropped (only the main thread writes). Called
+    while the save's stderr is still held, so that nothing slips out between the two."""
     logging.getLogger("asyncio").disabled = True
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     threading.excepthook = _ignored

@@ -1,6 +1,9 @@
 """Helpers for the tests that run a job's main() in-process (tests/test_mnist_cli.py, tests/test_finetune_cli.py)."""
 
+import contextlib
+import subprocess
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -64,6 +67,20 @@ def signal_in_the_first_epoch(source, *, epoch, **kwargs):
 data.train_batches = signal_in_the_first_epoch
 cli.exit_process(mnist.main(argv))  # as `python -m experiments.mnist` ends
 """
+
+
+def stopped_at_line(proc: subprocess.Popen, prefix: str, stop: Callable[[], None]) -> tuple[str, str]:
+    """(stdout, stderr) of a job started with both as text pipes, `stop()` called (a signal) as soon as a line of
+    its stderr starts with `prefix` (a progress line: stderr is a pipe, so progress comes as plain lines)."""
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith(prefix):
+            break
+    with contextlib.suppress(ProcessLookupError):  # ended early: its output says why
+        stop()
+    out, err = proc.communicate(timeout=600)
+    return out, "".join(seen) + err
 
 
 def latest_checkpoint(workdir):

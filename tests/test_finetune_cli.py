@@ -210,15 +210,8 @@ def test_sigint_to_the_process_group_with_data_workers_saves_and_resume_is_bit_f
            "--workers", "2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group, as a shell's job
-    seen = []
-    for line in proc.stderr:  # the first step's progress line: the workers are serving batches; stop it there
-        seen.append(line)
-        if line.startswith("epoch 1/8: 12/60 img"):
-            break
-    with contextlib.suppress(ProcessLookupError):  # ended early: its output below says why
-        os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=600)
-    err = "".join(seen) + err
+    # the first step's progress line: the workers are serving batches; stop it there
+    out, err = job_runs.stopped_at_line(proc, "epoch 1/8: 12/60 img", lambda: os.killpg(proc.pid, signal.SIGINT))
     assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
     assert "stopped by signal 2" in err and "Traceback" not in err and "terminated" not in err, err[-3000:]
     stopped_at, _ = job_runs.latest_checkpoint(workdir)

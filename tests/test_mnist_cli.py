@@ -105,15 +105,9 @@ def test_sigterm_then_resume_gives_the_uninterrupted_parameters_bit_for_bit(env,
     workdir = env["root"] / "killed"
     cmd = [sys.executable, "-m", "experiments.mnist", "--data", env["data"], "--workdir", str(workdir), *TINY]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = []
-    for line in proc.stderr:  # stderr is a pipe: progress comes as plain lines, one per step past a tenth
-        seen.append(line)
-        if line.startswith("epoch 1/3: 16/48 img (33%), loss "):  # its second step: kill it there
-            break
-    with contextlib.suppress(ProcessLookupError):  # ended early: its output below says why
-        proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=600)
-    err = "".join(seen) + err
+    # its second step's progress line (one per step past a tenth): kill it there
+    out, err = job_runs.stopped_at_line(proc, "epoch 1/3: 16/48 img (33%), loss ",
+                                        lambda: proc.send_signal(signal.SIGTERM))
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by signal 15" in err and "Traceback" not in err
     assert "epoch 1/3: 8/48 img (17%), loss " in err and "\r" not in err  # no redrawn bar
