@@ -9,8 +9,8 @@ the bias and applies the ReLU in its own pass).
     model, folded_vars = fold(model, variables, (224, 224, 3))   # once per set of variables and image size
     logits = jax.jit(functools.partial(apply, model))(folded_vars, images)   # = model.apply(v, x, train=False)
 
-`apply` computes the batch in chunks of a few images on the CPU (`plan.eval_chunk`). Given the image shape,
-`fold` also prepares (`prepare`) the weights the kernels multiply by: Winograd's transformed filters and the
+`apply` computes the batch in chunks on the CPU: a few images at a time through the stem, more after it
+(`plan.eval_chunk`). Given the image shape, `fold` also prepares (`prepare`) the weights the kernels multiply by: Winograd's transformed filters and the
 small maps' dense operators, computed once here instead of in every step.
 
 The folded model computes what the unfolded one computes with `train=False` (up to float rounding: tests/
@@ -72,18 +72,33 @@ def folded(model: GoogLeNet) -> GoogLeNet:
     return model.clone(folded=True)
 
 
-def apply(model: GoogLeNet, variables: Mapping[str, Any], x, *, chunk: int | None = None):
+def apply(model: GoogLeNet, variables: Mapping[str, Any], x, *, chunk: int | None = None,
+          after_stem_chunk: int | None = None):
     """The folded `model`'s logits of NHWC `x` (`model.apply(variables, x, train=False)`), the batch computed in
-    chunks of `chunk` images one after another (`jax.lax.map`; default `plan.eval_chunk`: on the CPU a few
-    images at 224 pixels, so each layer's output stays in cache), the last chunk padded with zeros. Jit it;
-    differentiable in `x`."""
+    chunks one after another (`jax.lax.map`), the last chunk padded with zeros: the stem (`GoogLeNet.stem`) in
+    chunks of `chunk` images, the stages after it (`GoogLeNet.after_stem`) in chunks of `after_stem_chunk`
+    (defaults `plan.eval_chunk`'s: on the CPU a few images at a time through the stem, whose maps are the
+    largest, so each layer's output stays in cache; more, or the whole batch, after it). Jit it; differentiable
+    in `x`."""
     n = x.shape[0]
     chunk = plan.eval_chunk(n, x.shape[1], x.shape[2]) if chunk is None else chunk
-    if chunk >= n:
+    if chunk >= n and after_stem_chunk is None:
         return model.apply(variables, x, train=False)
+    stem = _in_chunks(lambda xc: model.apply(variables, xc, method="stem"), x, chunk)
+    if after_stem_chunk is None:
+        after_stem_chunk = plan.eval_chunk(n, stem.shape[1], stem.shape[2], part="after_stem")
+    return _in_chunks(lambda sc: model.apply(variables, sc, method="after_stem"), stem, after_stem_chunk)
+
+
+def _in_chunks(f, x, chunk: int):
+    """f of the batch x in chunks of `chunk` rows one after another (`jax.lax.map`), the last one padded with
+    zeros; f of x itself where one chunk holds it."""
+    n = x.shape[0]
+    if chunk >= n:
+        return f(x)
     pad = -n % chunk
     xs = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((n + pad) // chunk, chunk, *x.shape[1:])
-    ys = jax.lax.map(lambda xc: model.apply(variables, xc, train=False), xs)
+    ys = jax.lax.map(f, xs)
     return ys.reshape(n + pad, *ys.shape[2:])[:n]
 
 

@@ -245,6 +245,8 @@ class GoogLeNet(nn.Module):
     `features(x, *, train=False)`: a dict of the named stage outputs and the pooled 1024-d `pre_logits`.
     `folded=True` (`jax_googlenet.fold.folded`): inference only, on variables whose BatchNorms are folded into
     the convolutions (`jax_googlenet.fold.fold_batch_norm`).
+    `stem(x)` and `after_stem(s)`: inference in two parts, `after_stem(stem(x))` = `__call__(x, train=False)`
+    (`jax_googlenet.fold.apply` computes them on different numbers of images at a time).
     """
 
     variant: Variant = VARIANTS["torchvision"]
@@ -258,28 +260,21 @@ class GoogLeNet(nn.Module):
     folded: bool = False
 
     @nn.compact
-    def _forward(self, x, train: bool, heads: bool):
+    def _forward(self, x, train: bool, heads: bool, part: str = "all"):
+        """(features, logits, aux outputs) of the network, or of one `part`: "stem" (its output as the logits,
+        nothing after it) or "after_stem" (x is the stem's output)."""
         v = self.variant
         if train and self.folded:
             raise ValueError("a folded GoogLeNet computes inference only: apply it with train=False")
         want_aux = self.aux_logits and heads and (train or self.is_initializing())
-        check_input(v, x.shape, self.in_channels, want_aux)
         impl = resolve_impl(self.impl)
         kw = dict(variant=v, dtype=self.dtype, param_dtype=self.param_dtype, impl=impl, folded=self.folded)
         feats = {}
-        if self.transform_input:
-            # torchvision: undo ImageNet normalisation, redo it as (x - 0.5) / 0.5, the weights' original input.
-            mean, std = jnp.array(IMAGENET_MEAN), jnp.array(IMAGENET_STD)
-            x = x * (std / 0.5) + (mean - 0.5) / 0.5
-        conv = lambda spec: BasicConv(*spec[1:3], stride=spec[3], padding=spec[4], name=spec[0], **kw)  # noqa: E731
-        for layer in STEM:  # N x 224 x 224 x C -> N x 28 x 28 x 192
-            if isinstance(layer, tuple):
-                x = conv(layer)(x, train=train)
-            elif layer == "lrn":
-                x = local_response_norm(x) if v.stem_lrn else x
-            else:
-                x = self._pools(x, layer, impl, train)
-        feats["stem"] = x
+        if part != "after_stem":
+            x = self._stem(x, train, want_aux, impl, kw)
+            feats["stem"] = x
+        if part == "stem":
+            return feats, x, {}
         aux = {}
         for name, *spec in INCEPTION_TABLE:
             if name in POOL_BEFORE:
@@ -299,6 +294,22 @@ class GoogLeNet(nn.Module):
         logits = dense(self.num_classes, x.shape[-1], v.init, self.dtype, self.param_dtype, "fc")(x)
         # N x num_classes
         return feats, logits, aux
+
+    def _stem(self, x, train: bool, want_aux: bool, impl: str, kw: dict):
+        """The input checked (and re-normalised with `transform_input`), then the stem's layers."""
+        check_input(self.variant, x.shape, self.in_channels, want_aux)
+        if self.transform_input:
+            # torchvision: undo ImageNet normalisation, redo it as (x - 0.5) / 0.5, the weights' original input.
+            mean, std = jnp.array(IMAGENET_MEAN), jnp.array(IMAGENET_STD)
+            x = x * (std / 0.5) + (mean - 0.5) / 0.5
+        for layer in STEM:  # N x 224 x 224 x C -> N x 28 x 28 x 192
+            if isinstance(layer, tuple):
+                x = BasicConv(*layer[1:3], stride=layer[3], padding=layer[4], name=layer[0], **kw)(x, train=train)
+            elif layer == "lrn":
+                x = local_response_norm(x) if self.variant.stem_lrn else x
+            else:
+                x = self._pools(x, layer, impl, train)
+        return x
 
     def _pools(self, x, name: str, impl: str, train: bool):
         """The stem's or a between-stage max pool `name`: 3x3/2, or maxpool4's windows (torchvision 2x2/2, the
@@ -320,6 +331,14 @@ class GoogLeNet(nn.Module):
         if not train:
             return cast(logits)
         return GoogLeNetOutputs(cast(logits), cast(aux.get("aux1")), cast(aux.get("aux2")))
+
+    def stem(self, x):
+        """The stem's output in inference (N x 28 x 28 x 192 at 224 pixels): `after_stem` continues from it."""
+        return self._forward(x, False, True, "stem")[1]
+
+    def after_stem(self, x):
+        """The inference logits from the stem's output `x` (`stem`)."""
+        return self._forward(x, False, True, "after_stem")[1].astype(jnp.promote_types(jnp.float32, self.dtype))
 
     def features(self, x, *, train: bool = False) -> dict[str, jax.Array]:
         """Named stage outputs (`stem`, `inception3a` ... `inception5b`) and the pooled 1024-d `pre_logits`."""

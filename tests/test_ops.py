@@ -442,6 +442,18 @@ def test_folded_inference_runs_a_few_images_at_a_time_on_the_cpu():
     assert plan.eval_chunk(256, 224, 224, "gpu") == 256
 
 
+def test_folded_inference_runs_the_inception_stages_on_more_images_at_a_time():
+    """The stages after the stem (`part="after_stem"`, sized by the stem's output map) run in chunks of about
+    EVAL_AFTER_STEM_POSITIONS positions: the whole batch at 16/224 and 64/96, 16 images of 28 x 28 at 64/224,
+    the whole batch on a GPU."""
+    assert plan.eval_chunk(16, 28, 28, "cpu", part="after_stem") == 16
+    assert plan.eval_chunk(64, 12, 12, "cpu", part="after_stem") == 64
+    assert plan.eval_chunk(64, 28, 28, "cpu", part="after_stem") == 16
+    assert plan.eval_chunk(256, 28, 28, "gpu", part="after_stem") == 256
+    with pytest.raises(ValueError, match="part"):
+        plan.eval_chunk(16, 28, 28, "cpu", part="body")
+
+
 def test_recalibrations_forward_keeps_each_1x1_convolution_with_its_own_batch_norm():
     """The train step merges an inception block's three 1x1 convolutions (one product, one BatchNorm); inside
     `plan.separate_1x1` (the recalibration's forward, which reads each BatchNorm's input) none is merged."""

@@ -408,19 +408,36 @@ def test_prepared_folded_step_computes_nothing_from_the_weights_alone(unfolded_a
 
 
 def test_folded_apply_in_chunks_is_the_whole_batchs(unfolded_and_folded):
-    """`fold.apply` computes the batch in chunks one after another (`plan.eval_chunk`), the last one padded: 5
-    images in chunks of 2 give the logits and the input gradient of one call on all 5, within float rounding
-    (measured 0 here: each image's arithmetic is the same)."""
+    """`fold.apply` computes the stem and the stages after it in chunks one after another (`plan.eval_chunk`),
+    the last ones padded: 5 images, the stem in chunks of 2 and the stages after it in chunks of 4 (and of 5,
+    the default at this size), give the logits and the input gradient of one call on all 5, within float
+    rounding (measured 0 here: each image's arithmetic is the same)."""
     from jax_googlenet import fold as fold_ops
 
     model, v, _ = unfolded_and_folded["torchvision"]
     x = jax.random.normal(jax.random.key(5), (5, 32, 32, 3))
     folded_model, folded_vars = fold_ops.fold(model, v, x.shape[1:])
     whole = lambda v, x: folded_model.apply(v, x, train=False)  # noqa: E731
-    chunked = lambda v, x: fold_ops.apply(folded_model, v, x, chunk=2)  # noqa: E731
-    assert rel(jax.jit(chunked)(folded_vars, x), jax.jit(whole)(folded_vars, x)) < 1e-6
+    for after_stem in (4, None):
+        chunked = functools.partial(fold_ops.apply, folded_model, chunk=2, after_stem_chunk=after_stem)
+        assert rel(jax.jit(chunked)(folded_vars, x), jax.jit(whole)(folded_vars, x)) < 1e-6
     grads = [jax.jit(jax.grad(lambda x, f=f: f(folded_vars, x)[:, 3].sum()))(x) for f in (chunked, whole)]
     assert rel(*grads) < 1e-6
+
+
+def test_folded_apply_chunks_the_stem_alone_at_96_pixels():
+    """At 32 x 96 x 96 the stem runs in two chunks of 16 images (`plan.eval_chunk`) and the stages after it on
+    all 32 at once: one loop in the step, over the stem (traced only: nothing is compiled)."""
+    from jax_googlenet import fold as fold_ops
+
+    folded_model = fold_ops.folded(GoogLeNet(VARIANTS["torchvision"], aux_logits=False))
+    x = jax.ShapeDtypeStruct((32, 96, 96, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: fold_ops.fold_batch_norm(
+        GoogLeNet(VARIANTS["torchvision"], aux_logits=False).init(jax.random.key(0), x)), x)
+    closed = jax.make_jaxpr(functools.partial(fold_ops.apply, folded_model))(variables, x)
+    loops = [e for e in closed.jaxpr.eqns if e.primitive.name == "scan"]
+    assert [e.params["length"] for e in loops] == [2]
+    assert loops[0].outvars[0].aval.shape == (2, 16, 12, 12, 192)  # the stem's output, chunk by chunk
 
 
 def test_prepared_weights_refuse_another_image_size(unfolded_and_folded):

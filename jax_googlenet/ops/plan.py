@@ -326,21 +326,30 @@ def _xla_accepts(options: tuple[tuple[str, object], ...]) -> bool:
 
 # ----------------------------------------------------------------------------------------------- inference chunks
 
-# Folded inference on the CPU runs the batch as chunks of about this many input pixels, one after another
-# (`jax_googlenet.fold.apply`), so each layer's output is a chunk's, not the batch's: 4 images at 224 pixels, 16
-# at 96, the whole batch up to 256 images at 32. The eval step at 16/224 chunked by 4 ran 71.1 against 66.0
-# img/s, at 64/96 by 16 440.6 against 395.7 (by 8 404.1); at 64/32 chunks of 32 and 16 were 10-25% slower than
-# the whole batch (benchmarks/NOTES.md, "Folded inference in chunks").
+# Folded inference on the CPU runs the stem as chunks of about this many input pixels, one after another
+# (`jax_googlenet.fold.apply`), so each of its layers' outputs is a chunk's, not the batch's: 4 images at 224
+# pixels, 16 at 96, the whole batch up to 256 images at 32. The eval step at 16/224 chunked by 4 ran 71.1 against
+# 66.0 img/s, at 64/96 by 16 440.6 against 395.7 (by 8 404.1); at 64/32 chunks of 32 and 16 were 10-25% slower
+# than the whole batch (benchmarks/NOTES.md, "Folded inference in chunks").
 EVAL_CHUNK_PIXELS = 2 ** 18
+# ... and the stages after the stem as chunks of about this many positions of the stem's output map: the whole
+# batch at 16/224 (28 x 28 maps) and 64/96 (12 x 12), 16 images at 64/224. Against the stem's chunks all through,
+# alternated in one process, per-window ratios' medians: 64/96 +8 and +9%, 16/224 +6%; at 64/224 chunks of 16
+# ran as the whole batch (1.015); NOTES.md, "The stages after the stem on more images at a time").
+EVAL_AFTER_STEM_POSITIONS = 2 ** 14
+EVAL_PARTS = {"stem": EVAL_CHUNK_PIXELS, "after_stem": EVAL_AFTER_STEM_POSITIONS}
 
 
-def eval_chunk(batch: int, height: int, width: int, backend: str | None = None) -> int:
-    """Images per chunk of folded inference on `batch` images of height x width on `backend` (default JAX's):
-    the largest power of two whose pixels stay within EVAL_CHUNK_PIXELS (at least 1), the whole batch where that
-    is larger or off the CPU."""
+def eval_chunk(batch: int, height: int, width: int, backend: str | None = None, *, part: str = "stem") -> int:
+    """Images per chunk of folded inference's `part` ("stem" on height x width images, or "after_stem" on the
+    stem's height x width output) for `batch` images on `backend` (default JAX's): the largest power of two
+    whose positions stay within EVAL_PARTS[part] (at least 1), the whole batch where that is larger or off the
+    CPU."""
+    if part not in EVAL_PARTS:
+        raise ValueError(f"part must be one of {', '.join(EVAL_PARTS)}, not {part!r}")
     if (backend or jax.default_backend()) != "cpu":
         return batch
-    fits = max(1, EVAL_CHUNK_PIXELS // (height * width))
+    fits = max(1, EVAL_PARTS[part] // (height * width))
     return min(batch, 1 << (fits.bit_length() - 1))
 
 
