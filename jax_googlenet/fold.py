@@ -10,8 +10,9 @@ the bias and applies the ReLU in its own pass).
     logits = jax.jit(functools.partial(apply, model))(folded_vars, images)   # = model.apply(v, x, train=False)
 
 `apply` computes the batch in chunks on the CPU: a few images at a time through the stem, more after it
-(`plan.eval_chunk`). Given the image shape, `fold` also prepares (`prepare`) the weights the kernels multiply by: Winograd's transformed filters and the
-small maps' dense operators, computed once here instead of in every step.
+(`plan.eval_chunk`). Given the image shape, `fold` also prepares (`prepare`) the weights the kernels multiply
+by: Winograd's transformed filters and the small maps' dense operators, computed once here instead of in every
+step.
 
 The folded model computes what the unfolded one computes with `train=False` (up to float rounding: tests/
 test_parity.py bounds it at 1e-5 relative for every variant) and stays differentiable with respect to its

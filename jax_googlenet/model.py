@@ -271,7 +271,19 @@ class GoogLeNet(nn.Module):
         kw = dict(variant=v, dtype=self.dtype, param_dtype=self.param_dtype, impl=impl, folded=self.folded)
         feats = {}
         if part != "after_stem":
-            x = self._stem(x, train, want_aux, impl, kw)
+            check_input(v, x.shape, self.in_channels, want_aux)
+            if self.transform_input:
+                # torchvision: undo ImageNet normalisation, redo it as (x - 0.5) / 0.5, the weights' original input.
+                mean, std = jnp.array(IMAGENET_MEAN), jnp.array(IMAGENET_STD)
+                x = x * (std / 0.5) + (mean - 0.5) / 0.5
+            conv = lambda spec: BasicConv(*spec[1:3], stride=spec[3], padding=spec[4], name=spec[0], **kw)  # noqa: E731
+            for layer in STEM:  # N x 224 x 224 x C -> N x 28 x 28 x 192
+                if isinstance(layer, tuple):
+                    x = conv(layer)(x, train=train)
+                elif layer == "lrn":
+                    x = local_response_norm(x) if v.stem_lrn else x
+                else:
+                    x = self._pools(x, layer, impl, train)
             feats["stem"] = x
         if part == "stem":
             return feats, x, {}
@@ -294,22 +306,6 @@ class GoogLeNet(nn.Module):
         logits = dense(self.num_classes, x.shape[-1], v.init, self.dtype, self.param_dtype, "fc")(x)
         # N x num_classes
         return feats, logits, aux
-
-    def _stem(self, x, train: bool, want_aux: bool, impl: str, kw: dict):
-        """The input checked (and re-normalised with `transform_input`), then the stem's layers."""
-        check_input(self.variant, x.shape, self.in_channels, want_aux)
-        if self.transform_input:
-            # torchvision: undo ImageNet normalisation, redo it as (x - 0.5) / 0.5, the weights' original input.
-            mean, std = jnp.array(IMAGENET_MEAN), jnp.array(IMAGENET_STD)
-            x = x * (std / 0.5) + (mean - 0.5) / 0.5
-        for layer in STEM:  # N x 224 x 224 x C -> N x 28 x 28 x 192
-            if isinstance(layer, tuple):
-                x = BasicConv(*layer[1:3], stride=layer[3], padding=layer[4], name=layer[0], **kw)(x, train=train)
-            elif layer == "lrn":
-                x = local_response_norm(x) if self.variant.stem_lrn else x
-            else:
-                x = self._pools(x, layer, impl, train)
-        return x
 
     def _pools(self, x, name: str, impl: str, train: bool):
         """The stem's or a between-stage max pool `name`: 3x3/2, or maxpool4's windows (torchvision 2x2/2, the
