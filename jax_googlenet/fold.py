@@ -83,8 +83,6 @@ def apply(model: GoogLeNet, variables: Mapping[str, Any], x, *, chunk: int | Non
     in `x`."""
     n = x.shape[0]
     chunk = plan.eval_chunk(n, x.shape[1], x.shape[2]) if chunk is None else chunk
-    if chunk >= n and after_stem_chunk is None:
-        return model.apply(variables, x, train=False)
     stem = _in_chunks(lambda xc: model.apply(variables, xc, method="stem"), x, chunk)
     if after_stem_chunk is None:
         after_stem_chunk = plan.eval_chunk(n, stem.shape[1], stem.shape[2], part="after_stem")

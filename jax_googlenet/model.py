@@ -322,11 +322,13 @@ class GoogLeNet(nn.Module):
                 raise TypeError("GoogLeNet.__call__ needs train=True or train=False")
             train = False
         _, logits, aux = self._forward(x, train, heads=True)
-        out = jnp.promote_types(jnp.float32, self.dtype)  # float32 at least: bfloat16 up, float64 kept
-        cast = lambda a: None if a is None else a.astype(out)  # noqa: E731
         if not train:
-            return cast(logits)
-        return GoogLeNetOutputs(cast(logits), cast(aux.get("aux1")), cast(aux.get("aux2")))
+            return self._out(logits)
+        return GoogLeNetOutputs(self._out(logits), self._out(aux.get("aux1")), self._out(aux.get("aux2")))
+
+    def _out(self, a):
+        """An output in float32 at least: bfloat16 up, float64 kept (None stays)."""
+        return None if a is None else a.astype(jnp.promote_types(jnp.float32, self.dtype))
 
     def stem(self, x):
         """The stem's output in inference (N x 28 x 28 x 192 at 224 pixels): `after_stem` continues from it."""
@@ -334,7 +336,7 @@ class GoogLeNet(nn.Module):
 
     def after_stem(self, x):
         """The inference logits from the stem's output `x` (`stem`)."""
-        return self._forward(x, False, True, "after_stem")[1].astype(jnp.promote_types(jnp.float32, self.dtype))
+        return self._out(self._forward(x, False, True, "after_stem")[1])
 
     def features(self, x, *, train: bool = False) -> dict[str, jax.Array]:
         """Named stage outputs (`stem`, `inception3a` ... `inception5b`) and the pooled 1024-d `pre_logits`."""

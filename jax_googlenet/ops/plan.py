@@ -335,7 +335,7 @@ EVAL_CHUNK_PIXELS = 2 ** 18
 # ... and the stages after the stem as chunks of about this many positions of the stem's output map: the whole
 # batch at 16/224 (28 x 28 maps) and 64/96 (12 x 12), 16 images at 64/224. Against the stem's chunks all through,
 # alternated in one process, per-window ratios' medians: 64/96 +8 and +9%, 16/224 +6%; at 64/224 chunks of 16
-# ran as the whole batch (1.015); NOTES.md, "The stages after the stem on more images at a time").
+# ran as the whole batch (1.015) (NOTES.md, "The stages after the stem on more images at a time").
 EVAL_AFTER_STEM_POSITIONS = 2 ** 14
 EVAL_PARTS = {"stem": EVAL_CHUNK_PIXELS, "after_stem": EVAL_AFTER_STEM_POSITIONS}
 
