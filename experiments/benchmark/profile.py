@@ -7,13 +7,16 @@ The step is the benchmark's own (`experiments.benchmark.runners.JaxRunner`: for 
 variables, for train the real train step), with the benchmark's host-memory settings. A thunk is attributed to the
 layer named in its instruction's `op_name` (the Flax module path after `GoogLeNet._forward`; "pools" for the
 network's own max pools; "(other)" for the rest: the loss and the optimizer, and copies XLA adds); its kind is the
-fusion's or operation's name without its number. Thunks that run on the library's worker threads overlap the
-calling thread's, so the attributed sum can exceed the wall time per call; the profiler itself adds ~15%.
+fusion's or operation's name without its number. XLA:CPU's convolutions and dots run their kernels as tasks of its
+threadpool that no event names (conv1's event is its ~50 us dispatch): that time goes to the convolutions and dots
+in flight when it ran (`thunk_times`). Thunks on the pool's two threads overlap, so the attributed sum can exceed
+the wall time per call; the profiler itself adds ~15%.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import gzip
 import json
@@ -29,7 +32,7 @@ from jax_googlenet import host_memory
 
 # Profiler events that are not XLA thunks: the runtime's own spans, the Python trace, transfers.
 RUNTIME_EVENTS = ("Thunk", "Pjit", "Device", "H2D", "D2H", "$", "PjRt", "ParseArguments", "CommonPjRt",
-                  "Handle inputs", "SlinkyThreadPool", "end: ")
+                  "Handle inputs", "SlinkyThreadPool", "ThreadpoolListener", "end: ")
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
@@ -55,15 +58,57 @@ def layer_of(op_name: str) -> str:
     return "/".join(rest[:2]) if rest[0].startswith("inception") else rest[0]
 
 
+# XLA:CPU's convolution and dot thunks hand their kernel to the threadpool: the convolution's event is its dispatch
+# (~50 us for conv1, whose work takes milliseconds), and the kernel runs as pool tasks that no event names until the
+# thunk's "end: NAME" event.
+LIBRARY_THUNKS = ("conv", "dot", "ynn_fusion", "custom-call")
+REGION = ("ThreadpoolListener::StartRegion", "ThreadpoolListener::StopRegion")
+
+
 def thunk_times(trace_dir: Path) -> collections.Counter:
-    """{event name: total microseconds} of the complete events in the profiler's perfetto trace."""
+    """{thunk name: total microseconds} of the profiler's perfetto trace: each thunk's own events, plus the time of
+    the threadpool's regions that no thunk event covers, split evenly between the convolutions and dots in flight
+    (from their event's start to their "end:" event) at its midpoint; pool time with none in flight is left out."""
     path = next(trace_dir.rglob("*.trace.json.gz"))
     events = json.load(gzip.open(path))
     events = events["traceEvents"] if isinstance(events, dict) else events
+    events = sorted((e for e in events if e.get("ph") == "X"), key=lambda e: e["ts"])
     total = collections.Counter()
+    by_thread = collections.defaultdict(list)
+    flights, ends = [], collections.defaultdict(list)  # (start, end, name) of the library thunks
     for e in events:
-        if e.get("ph") == "X" and not e["name"].startswith(RUNTIME_EVENTS):
-            total[e["name"]] += e["dur"]
+        name = e["name"]
+        if name.startswith("end: "):
+            ends[name[5:]].append(e["ts"])
+        if name in REGION:
+            by_thread[e["tid"]].append(e)
+        elif not name.startswith(RUNTIME_EVENTS):
+            total[name] += e["dur"]
+            by_thread[e["tid"]].append(e)
+            if name.startswith(LIBRARY_THUNKS):
+                flights.append([e["ts"], e["ts"] + e["dur"], name])
+    for f in flights:  # each occurrence ends at the first "end:" of its name after it starts
+        later = [t for t in ends[f[2]] if t >= f[0]]
+        f[1] = max(f[1], min(later, default=f[1]))
+    unnamed = []  # (midpoint, microseconds) of region time outside any named event
+    for thread in by_thread.values():
+        opened = None
+        for e in thread:
+            if e["name"] == REGION[0]:
+                opened = e["ts"]
+                continue
+            if opened is not None and e["ts"] > opened:
+                unnamed.append(((opened + e["ts"]) / 2, e["ts"] - opened))
+            opened = None if e["name"] == REGION[1] or opened is None else e["ts"] + e["dur"]
+    flights.sort()
+    flying, i = [], 0
+    for mid, us in sorted(unnamed):  # a sweep: the thunks started by `mid`, less those ended by it
+        while i < len(flights) and flights[i][0] <= mid:
+            flying.append(flights[i])
+            i += 1
+        flying = [f for f in flying if f[1] > mid]
+        for f in flying:
+            total[f[2]] += us / len(flying)
     return total
 
 
