@@ -430,11 +430,10 @@ def test_folded_apply_chunks_the_stem_alone_at_96_pixels():
     all 32 at once: one loop in the step, over the stem (traced only: nothing is compiled)."""
     from jax_googlenet import fold as fold_ops
 
-    folded_model = fold_ops.folded(GoogLeNet(VARIANTS["torchvision"], aux_logits=False))
+    model = GoogLeNet(VARIANTS["torchvision"], aux_logits=False)
     x = jax.ShapeDtypeStruct((32, 96, 96, 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: fold_ops.fold_batch_norm(
-        GoogLeNet(VARIANTS["torchvision"], aux_logits=False).init(jax.random.key(0), x)), x)
-    closed = jax.make_jaxpr(functools.partial(fold_ops.apply, folded_model))(variables, x)
+    variables = jax.eval_shape(lambda x: fold_ops.fold_batch_norm(model.init(jax.random.key(0), x)), x)
+    closed = jax.make_jaxpr(functools.partial(fold_ops.apply, fold_ops.folded(model)))(variables, x)
     loops = [e for e in closed.jaxpr.eqns if e.primitive.name == "scan"]
     assert [e.params["length"] for e in loops] == [2]
     assert loops[0].outvars[0].aval.shape == (2, 16, 12, 12, 192)  # the stem's output, chunk by chunk

@@ -61,7 +61,7 @@ def layer_of(op_name: str) -> str:
 # XLA:CPU's convolution and dot thunks hand their kernel to the threadpool: the convolution's event is its dispatch
 # (~50 us for conv1, whose work takes milliseconds), and the kernel runs as pool tasks that no event names until the
 # thunk's "end: NAME" event.
-LIBRARY_THUNKS = ("conv", "dot", "ynn_fusion", "custom-call")
+LIBRARY_THUNKS = ("conv_general_dilated", "convolution", "dot", "ynn_fusion", "custom-call")
 REGION = ("ThreadpoolListener::StartRegion", "ThreadpoolListener::StopRegion")
 
 
@@ -87,9 +87,10 @@ def thunk_times(trace_dir: Path) -> collections.Counter:
             by_thread[e["tid"]].append(e)
             if name.startswith(LIBRARY_THUNKS):
                 flights.append([e["ts"], e["ts"] + e["dur"], name])
-    for f in flights:  # each occurrence ends at the first "end:" of its name after it starts
-        later = [t for t in ends[f[2]] if t >= f[0]]
-        f[1] = max(f[1], min(later, default=f[1]))
+    for f in flights:  # each occurrence ends at the first "end:" of its name after it starts (`ends` in time order)
+        i = bisect.bisect_left(ends[f[2]], f[0])
+        if i < len(ends[f[2]]):
+            f[1] = max(f[1], ends[f[2]][i])
     unnamed = []  # (midpoint, microseconds) of region time outside any named event
     for thread in by_thread.values():
         opened = None
@@ -97,9 +98,11 @@ def thunk_times(trace_dir: Path) -> collections.Counter:
             if e["name"] == REGION[0]:
                 opened = e["ts"]
                 continue
-            if opened is not None and e["ts"] > opened:
+            if opened is None:
+                continue  # a thunk outside any region
+            if e["ts"] > opened:
                 unnamed.append(((opened + e["ts"]) / 2, e["ts"] - opened))
-            opened = None if e["name"] == REGION[1] or opened is None else e["ts"] + e["dur"]
+            opened = None if e["name"] == REGION[1] else e["ts"] + e["dur"]  # a named thunk: the region goes on
     flights.sort()
     flying, i = [], 0
     for mid, us in sorted(unnamed):  # a sweep: the thunks started by `mid`, less those ended by it
