@@ -63,9 +63,12 @@ def compile_cache(tmp_path_factory):
         os.environ["JAX_GOOGLENET_CACHE_DIR"] = old
 
 
-# The two workers take a test file at a time (`--dist loadfile --no-loadscope-reorder`), the next one as their
-# current file nears its end: the files that take longest (summed test durations of a whole run, --durations=0,
-# most first) start first, so that no long file is left to run alone at the end.
+# Three workers (pyproject.toml's addopts) on the project's 2 CPU cores: much of the suite is XLA compiling and
+# processes starting, which leave a core idle, and a third worker fills it (the whole suite 703 s with two workers
+# between 672 and 666 s with three, user CPU 1267 against 1218 and 1211 s, alternated; benchmarks/NOTES.md). Each
+# takes a test file at a time (`--dist loadfile --no-loadscope-reorder`), the next one as its current file nears its
+# end: the files that take longest (summed test durations of a whole run, --durations=0, most first) start first,
+# so that no long file is left to run alone at the end.
 SLOWEST_FIRST = ["test_finetune_cli.py", "test_mnist_cli.py", "test_parity.py", "test_visualize.py",
                  "test_mnist_faults.py", "test_benchmark.py", "test_predict.py", "test_faults.py",
                  "test_distributed.py", "test_model.py", "test_mnist_train.py", "test_recalibrate.py",
