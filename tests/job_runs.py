@@ -18,6 +18,10 @@ from jax_googlenet.ops import plan
 # runs 91 against 58 ms a step); the two-process and permission-denied MNIST runs and the 2-device one 178 -> 132
 # CPU seconds together, measured.
 ELEMENTAL_EMITTERS = " ".join(f"--{k}={str(v).lower()}" for k, v in plan.ELEMENTAL_EMITTERS.items())
+# The same as XLA_FLAGS alone, LLVM's level 0 instead of JAX_DISABLE_MOST_OPTIMIZATIONS, for processes that are not
+# jobs (tests/test_distributed.py's workers, tests/test_benchmark.py's tiny run): LLVM's level 0 halved a worker's
+# train-step compile (50 -> 24 CPU seconds); with the emitters the tiny benchmark run took 44 -> 32 s alone.
+UNOPTIMISED = f"--xla_backend_optimization_level=0 {ELEMENTAL_EMITTERS}"
 
 
 def run_main(main, argv, capsys):

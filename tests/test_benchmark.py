@@ -13,11 +13,6 @@ from dispatch_probe import JOB_THEN_STEP, run
 # One thread each: CI machines are shared, and oversubscribed OpenMP threads make PyTorch crawl.
 TINY = ["--threads", "1", "--batch-sizes", "2", "--image-size", "32", "--repeats", "1", "--steps", "1", "--warmup", "1",
         "--workloads", "eval,train", "--frameworks", "jax,torch", "--torch-variants", "eager,channels_last"]
-# LLVM's optimisation off in XLA:CPU's backend, and its elemental loop emitters instead of the fusion emitters: no
-# test here asserts a speed, and the run's compiles are most of its time (the fixture's CPU time 86 -> 55 s with
-# LLVM's level 0, then 44 -> 32 s alone on 2 cores with the emitters; XLA's FLOP count stays within the FLOP test's
-# bounds, measured).
-UNOPTIMISED = f"--xla_backend_optimization_level=0 {job_runs.ELEMENTAL_EMITTERS}"
 SPREAD = ("ms_per_step", "images_per_s")
 pytestmark = pytest.mark.usefixtures("unoptimised_compiles")  # conftest.py; no test here asserts a speed
 COMPILE_FIELDS = ("compile_cold_s", "compile_warm_s", "warm_cache_hit")
@@ -30,7 +25,10 @@ def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = run(JOB_THEN_STEP, "experiments.benchmark", *TINY, "--compile-cache-dir", str(out / "cache"),
                "--json", str(out / "r.json"), "--markdown", str(out / "r.md"), "--plot", str(out / "r.png"),
-               XLA_FLAGS=UNOPTIMISED)
+               # no test here asserts a speed, and the run's compiles are most of its time (its CPU time 86 -> 55 s
+               # with LLVM's level 0, then 44 -> 32 s with the emitters; XLA's FLOP count stays within the FLOP
+               # test's bounds, measured)
+               XLA_FLAGS=job_runs.UNOPTIMISED)
     assert proc.returncode == 0 and "exit status 0" in proc.stdout, proc.stderr[-3000:]
     return json.loads((out / "r.json").read_text()), out, proc.stdout
 

@@ -21,17 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
 
 
-# LLVM's optimisation off in the workers' XLA:CPU backend, and its elemental loop emitters instead of the fusion
-# emitters: compiling the train step is most of each worker's time. LLVM's level 0 halved it (50 -> 24 CPU seconds
-# for one step); the elemental emitters take the 16-pixel step's level-0 compile from 6.0 to 3.6 s (it then runs
-# 91 against 58 ms, once here), measured. Every run compared is compiled alike, and the meshes' partitioning and
-# collectives, which the tests are about, are decided before the backend.
-UNOPTIMISED = f"--xla_backend_optimization_level=0 {job_runs.ELEMENTAL_EMITTERS}"
+# The workers compile with `job_runs.UNOPTIMISED`: compiling the train step is most of each worker's time. Every
+# run compared is compiled alike, and the meshes' partitioning and collectives, which the tests are about, are
+# decided before the backend.
 
 
 def run_worker(out: Path, *args: str, devices: int = 1) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {UNOPTIMISED}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {job_runs.UNOPTIMISED}")
     return subprocess.Popen([sys.executable, str(WORKER), str(out), *args], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -54,9 +51,9 @@ def assert_same_step(a, prefix_a: str, b, prefix_b: str) -> None:
 
     The meshes reduce the gradient and the BatchNorm statistics over the batch in a different order; float32
     rounding of those sums (~1e-7) grows through 22 layers of backpropagation and BatchNorm's 1/std: measured
-    here (the workers' UNOPTIMISED compile), up to 1.1e-4 on the smallest updates (last-stage BatchNorm scales),
-    3e-5 on the median tensor. 1e-3 leaves a margin and still catches per-device statistics or a gradient
-    averaged over the wrong count (order 1).
+    here (the workers' `job_runs.UNOPTIMISED` compile), up to 1.1e-4 on the smallest updates (last-stage
+    BatchNorm scales), 3e-5 on the median tensor. 1e-3 leaves a margin and still catches per-device statistics or a
+    gradient averaged over the wrong count (order 1).
     """
     ua, ub = updates(a, prefix_a), updates(b, prefix_b)
     assert ua.keys() == ub.keys() and len(ua) > 100
